@@ -1,0 +1,828 @@
+"""Unit tests: config rules, the plan, the client's reading of every vLLM answer, one reconcile cycle.
+
+HTTP is mocked with `responses`, shaped after what a real vLLM 0.32 answers
+(../shared/vllm-facts.md). Behaviour across processes is in tests/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+import responses
+
+import sidecar
+from sidecar import (
+    Action,
+    Adapter,
+    ConfigError,
+    ConfigSource,
+    DesiredState,
+    Op,
+    Reconciler,
+    ServerError,
+    ServerState,
+    ServerUnreachable,
+    Skip,
+    VLLMClient,
+    backoff_delay,
+    parse_config,
+    parse_model_list,
+    plan,
+)
+
+sys.path.insert(0, str(Path(__file__).parent / "tests"))
+from kubelet import KubeletConfigDir
+
+URL = "http://vllm.test:8000"
+BASE = "tiny"
+BASE_ROOT = "/models/tiny"
+
+
+def config(body: str) -> bytes:
+    return body.encode()
+
+
+def parse(text: str, validate: bool = True) -> DesiredState:
+    return parse_config(text.encode(), "cfg.yaml", validate)
+
+
+def errors_of(text: str, validate: bool = True) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse(text, validate)
+    return caught.value.errors
+
+
+GOOD = """
+vLLMLoRAConfig:
+  name: fleet-a
+  host: vllm.test
+  port: 8000
+  defaultBaseModel: tiny
+  ensureExist:
+    models:
+    - id: a1
+      source: /adapters/a1
+    - id: a2
+      source: /adapters/a2
+      base-model: other
+    - id: old
+      source: /adapters/old
+      toRemove: true
+  ensureNotExist:
+    models:
+    - id: gone
+      source: /adapters/gone
+"""
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_good_config_is_read_with_defaults_and_base_models():
+    desired = parse(GOOD)
+    assert desired.name == "fleet-a"
+    assert desired.server_url == "http://vllm.test:8000"
+    assert desired.ensure_exist == (Adapter("a1", "/adapters/a1", "tiny"), Adapter("a2", "/adapters/a2", "other"))
+    assert [a.id for a in desired.ensure_not_exist] == ["old", "gone"]
+    assert len(desired.sha256) == 64
+
+
+def test_minimal_config_takes_documented_defaults():
+    desired = parse("vLLMLoRAConfig: {}")
+    assert (desired.host, desired.port, desired.scheme) == ("localhost", 8000, "http")
+    assert desired.ensure_exist == () and desired.ensure_not_exist == ()
+
+
+def test_https_scheme_and_ipv6_host_make_a_valid_url():
+    desired = parse("vLLMLoRAConfig: {scheme: https, host: '::1', port: 8443}")
+    assert desired.server_url == "https://[::1]:8443"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("other: 1", "cfg.yaml: vLLMLoRAConfig: required field is missing"),
+        ("vLLMLoRAConfig: {ensureExists: {models: []}}", "cfg.yaml: vLLMLoRAConfig.ensureExists: unknown field"),
+        ("vLLMLoRAConfig: {ensureExist: {models: [{id: a, source: s, base_model: b}]}}",
+         "cfg.yaml: vLLMLoRAConfig.ensureExist.models[0].base_model: unknown field"),
+        ("vLLMLoRAConfig: {ensureExist: {model: []}}", "cfg.yaml: vLLMLoRAConfig.ensureExist.model: unknown field"),
+        ("vLLMLoRAConfig: {ensureExist: {}}", "cfg.yaml: vLLMLoRAConfig.ensureExist.models: required field is missing"),
+        ("vLLMLoRAConfig: {}\nextra: 1", "cfg.yaml: extra: unknown field"),
+        ("vLLMLoRAConfig: {port: 0}", "cfg.yaml: vLLMLoRAConfig.port: 0 is less than the minimum of 1"),
+        ("vLLMLoRAConfig: {port: 65536}", "cfg.yaml: vLLMLoRAConfig.port: 65536 is greater than the maximum"),
+        ("vLLMLoRAConfig: {port: '8000'}", "cfg.yaml: vLLMLoRAConfig.port: expected integer, got"),
+        ("vLLMLoRAConfig: {scheme: ftp}", "cfg.yaml: vLLMLoRAConfig.scheme: 'ftp' is not one of"),
+        ("vLLMLoRAConfig: {host: 5}", "cfg.yaml: vLLMLoRAConfig.host: expected string, got int 5"),
+        ("vLLMLoRAConfig: {ensureExist: {models: [{id: a}]}}",
+         "cfg.yaml: vLLMLoRAConfig.ensureExist.models[0].source: required field is missing"),
+        ("vLLMLoRAConfig: {ensureExist: {models: [{id: '', source: s}]}}",
+         "cfg.yaml: vLLMLoRAConfig.ensureExist.models[0].id: must not be empty"),
+        ("vLLMLoRAConfig: {ensureNotExist: {models: [{id: a, source: ''}]}}",
+         "cfg.yaml: vLLMLoRAConfig.ensureNotExist.models[0].source: must not be empty"),
+        ("vLLMLoRAConfig: {ensureExist: {models: [{id: a, source: s, toRemove: 'yes'}]}}",
+         "cfg.yaml: vLLMLoRAConfig.ensureExist.models[0].toRemove: expected boolean"),
+        ("vLLMLoRAConfig: {ensureExist: {models: [{id: 7, source: s}]}}",
+         "cfg.yaml: vLLMLoRAConfig.ensureExist.models[0].id: expected string, got int 7"),
+        ("vLLMLoRAConfig: {ensureExist: {models: {id: a}}}",
+         "cfg.yaml: vLLMLoRAConfig.ensureExist.models: expected array"),
+        ("[1, 2]", "cfg.yaml: (top level): expected object, got list"),
+        ("vLLMLoRAConfig: [1]", "cfg.yaml: vLLMLoRAConfig: expected object"),
+        ("vLLMLoRAConfig: {defaultBaseModel: ''}", "cfg.yaml: vLLMLoRAConfig.defaultBaseModel: must not be empty"),
+    ],
+)
+def test_schema_errors_name_the_file_and_the_field(text, expected):
+    assert any(e.startswith(expected) for e in errors_of(text)), errors_of(text)
+
+
+def test_every_schema_error_is_reported_at_once():
+    errors = errors_of("vLLMLoRAConfig: {port: 0, scheme: ftp, ensureExists: {}}")
+    assert len(errors) == 3
+
+
+def test_unknown_field_error_lists_what_is_allowed():
+    (error,) = errors_of("vLLMLoRAConfig: {ensureExists: {}}")
+    assert "expected one of: defaultBaseModel, ensureExist, ensureNotExist, host, name, port, scheme" in error
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_id_listed_twice_in_one_list_names_both_entries(validate):
+    text = "vLLMLoRAConfig: {ensureExist: {models: [{id: a, source: s}, {id: b, source: s}, {id: a, source: t}]}}"
+    assert errors_of(text, validate) == [
+        "cfg.yaml: vLLMLoRAConfig.ensureExist.models[0] and vLLMLoRAConfig.ensureExist.models[2] both name adapter 'a'"
+    ]
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_id_in_both_lists_names_both_entries(validate):
+    text = """
+vLLMLoRAConfig:
+  ensureExist: {models: [{id: a, source: s}]}
+  ensureNotExist: {models: [{id: b, source: s}, {id: a, source: s}]}
+"""
+    assert errors_of(text, validate) == [
+        "cfg.yaml: vLLMLoRAConfig.ensureExist.models[0] and vLLMLoRAConfig.ensureNotExist.models[1]"
+        " both name adapter 'a'"
+    ]
+
+
+def test_to_remove_entry_counts_as_ensure_not_exist_for_conflicts():
+    text = """
+vLLMLoRAConfig:
+  ensureExist: {models: [{id: a, source: s, toRemove: true}]}
+  ensureNotExist: {models: [{id: a, source: s}]}
+"""
+    assert "both name adapter 'a'" in errors_of(text)[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("vLLMLoRAConfig: {port: '80'}", "vLLMLoRAConfig.port: expected an integer 1-65535"),
+        ("vLLMLoRAConfig: {scheme: ftp}", "vLLMLoRAConfig.scheme: expected http or https"),
+        ("vLLMLoRAConfig: {ensureExist: {models: [{id: a}]}}", "vLLMLoRAConfig.ensureExist.models[0].source: expected"),
+        ("vLLMLoRAConfig: {ensureExist: 3}", "vLLMLoRAConfig.ensureExist: expected dict"),
+        ("vLLMLoRAConfig: {ensureExist: {models: [5]}}", "vLLMLoRAConfig.ensureExist.models[0]: expected dict"),
+        ("- 1", "(top level): expected dict"),
+    ],
+)
+def test_without_schema_validation_bad_shapes_are_still_config_errors(text, expected):
+    assert expected in errors_of(text, validate=False)[0]
+
+
+def test_without_schema_validation_unknown_keys_pass():
+    desired = parse("vLLMLoRAConfig: {ensureExist: {models: [{id: a, source: s, extra: 1}]}, more: 2}", False)
+    assert [a.id for a in desired.ensure_exist] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "cfg.yaml: the file is empty"),
+        ("   \n\n", "cfg.yaml: the file is empty"),
+        ("vLLMLoRAConfig: {port: 8000\n", "cfg.yaml: invalid YAML at line 2"),
+        ("vLLMLoRAConfig:\n  - a\n b: c", "cfg.yaml: invalid YAML at line 3"),
+        ("{? [a, b] : 1}", "cfg.yaml: invalid YAML"),
+        ("1: {vLLMLoRAConfig: {}}", "cfg.yaml: mapping key 1 is not a string"),
+        ("[" * 5000 + "]" * 5000, "cfg.yaml: "),
+        ("a: " + "[" * 80 + "]" * 80, "cfg.yaml: the document nests deeper than 64 levels"),
+        ("---\na: 1\n---\nb: 2\n", "cfg.yaml: invalid YAML"),
+    ],
+)
+def test_unparseable_documents_are_config_errors(text, expected):
+    assert errors_of(text)[0].startswith(expected)
+
+
+def test_yaml_alias_bomb_is_refused_quickly():
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    assert "expands to more than 100000 values" in errors_of("\n".join(lines))[0]
+
+
+def test_configmap_manifest_is_unwrapped():
+    manifest = Path(__file__).with_name("configmap.yaml").read_bytes()
+    desired = parse_config(manifest, "configmap.yaml")
+    assert [a.id for a in desired.ensure_exist] == ["qwen-uncensored-1", "qwen-uncensored-2"]
+    assert desired.ensure_exist[0].base_model == "Qwen/Qwen3-32B"
+
+
+def test_configmap_errors_name_the_data_key():
+    manifest = "kind: ConfigMap\ndata:\n  lora.yaml: |\n    vLLMLoRAConfig: {port: 0}\n"
+    assert errors_of(manifest)[0].startswith("cfg.yaml (data.lora.yaml): vLLMLoRAConfig.port:")
+
+
+@pytest.mark.parametrize(
+    "manifest", ["kind: ConfigMap\n", "kind: ConfigMap\ndata: {}\n", "kind: ConfigMap\ndata: {a: 'x: 1'}\n"]
+)
+def test_configmap_without_our_document_is_an_error(manifest):
+    assert "data:" in errors_of(manifest)[0]
+
+
+def test_read_config_names_a_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope.yaml: cannot read the file"):
+        sidecar.read_config(tmp_path / "nope.yaml")
+
+
+def test_oversized_file_is_refused(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (sidecar.MAX_CONFIG_BYTES + 10))
+    with pytest.raises(ConfigError, match="larger than"):
+        sidecar.read_config(big)
+
+
+def test_schema_is_found_next_to_the_script_not_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sidecar.config_schema.cache_clear()
+    assert errors_of("vLLMLoRAConfig: {port: 0}")
+
+
+# -------------------------------------------------------------------- plan
+
+A1 = Adapter("a1", "/adapters/a1")
+A2 = Adapter("a2", "/adapters/a2")
+GONE = Adapter("gone", "/adapters/gone")
+
+
+def desired_state(keep=(), drop=(), default_base=None) -> DesiredState:
+    return DesiredState("vllm.test", 8000, "http", "t", default_base, tuple(keep), tuple(drop))
+
+
+def server_state(adapters=None, bases=(BASE,), roots=(BASE_ROOT,)) -> ServerState:
+    return ServerState(tuple(bases), frozenset(roots), dict(adapters or {}))
+
+
+@pytest.mark.parametrize(
+    ("name", "desired", "server", "actions", "skipped"),
+    [
+        ("nothing wanted, nothing there", desired_state(), server_state(), [], []),
+        ("missing adapter is loaded", desired_state([A1]), server_state(), [(Op.LOAD, "a1")], []),
+        ("listed adapter is left alone", desired_state([A1]), server_state({"a1": "/adapters/a1"}), [], []),
+        ("other source is reloaded", desired_state([A1]), server_state({"a1": "/old"}), [(Op.RELOAD, "a1")], []),
+        ("unknown source is left alone", desired_state([A1]), server_state({"a1": None}), [], []),
+        ("listed ensureNotExist is unloaded", desired_state(drop=[GONE]), server_state({"gone": "/x"}),
+         [(Op.UNLOAD, "gone")], []),
+        ("absent ensureNotExist needs nothing", desired_state(drop=[GONE]), server_state(), [], []),
+        ("adapters the config does not name are never touched", desired_state([A1]),
+         server_state({"a1": "/adapters/a1", "theirs": "/t"}), [], []),
+        ("unloads come first, then reloads, then loads",
+         desired_state([A1, A2], [GONE]), server_state({"gone": "/g", "a2": "/old"}),
+         [(Op.UNLOAD, "gone"), (Op.RELOAD, "a2"), (Op.LOAD, "a1")], []),
+        ("base model served by id", desired_state([Adapter("a1", "/s", "tiny")]), server_state(),
+         [(Op.LOAD, "a1")], []),
+        ("base model served by root", desired_state([Adapter("a1", "/s", BASE_ROOT)]), server_state(),
+         [(Op.LOAD, "a1")], []),
+        ("adapter for another base model is skipped", desired_state([Adapter("a1", "/s", "big")]), server_state(),
+         [], ["a1"]),
+        ("skipped even if loaded with another source", desired_state([Adapter("a1", "/s", "big")]),
+         server_state({"a1": "/old"}), [], ["a1"]),
+        ("a server with no base model serves no wanted base", desired_state([Adapter("a1", "/s", "tiny")]),
+         server_state(bases=(), roots=()), [], ["a1"]),
+        ("ensureNotExist is unloaded whatever its base model", desired_state(drop=[Adapter("g", "/s", "big")]),
+         server_state({"g": "/s"}), [(Op.UNLOAD, "g")], []),
+    ],
+)
+def test_plan(name, desired, server, actions, skipped):
+    the_plan = plan(desired, server)
+    assert [(a.op, a.adapter.id) for a in the_plan.actions] == actions, name
+    assert [s.adapter.id for s in the_plan.skipped] == skipped, name
+
+
+def test_skip_reason_names_wanted_and_served_base_models():
+    (skip,) = plan(desired_state([Adapter("a1", "/s", "big")]), server_state()).skipped
+    assert skip.reason == "wants base model 'big'; the server serves tiny"
+
+
+def test_reload_reason_names_the_servers_source():
+    (action,) = plan(desired_state([A1]), server_state({"a1": "/old"})).actions
+    assert action == Action(Op.RELOAD, A1, "the server has source '/old'")
+
+
+def test_plan_after_applying_it_is_empty():
+    desired = desired_state([A1, A2, Adapter("x", "/x", "big")], [GONE])
+    adapters = {"gone": "/g", "a2": "/old", "theirs": "/t"}
+    for action in plan(desired, server_state(adapters)).actions:
+        if action.op is Op.UNLOAD:
+            del adapters[action.adapter.id]
+        else:
+            adapters[action.adapter.id] = action.adapter.source
+    assert plan(desired, server_state(adapters)).actions == ()
+    assert adapters["theirs"] == "/t"
+    assert plan(desired, server_state(adapters)).skipped == (Skip(Adapter("x", "/x", "big"),
+                                                                  "wants base model 'big'; the server serves tiny"),)
+
+
+@pytest.mark.parametrize(("failures", "delay"), [(1, 5), (2, 10), (3, 20), (6, 160), (7, 300), (1000, 300)])
+def test_backoff_doubles_from_the_period_up_to_five_minutes(failures, delay):
+    assert backoff_delay(failures, 5) == delay
+
+
+# ------------------------------------------------------------------ client
+
+
+def models_body(*adapters: tuple[str, str]) -> dict:
+    data = [{"id": BASE, "object": "model", "created": 1, "owned_by": "vllm", "root": BASE_ROOT, "parent": None,
+             "max_model_len": 128, "permission": []}]
+    data += [{"id": name, "object": "model", "created": 1, "owned_by": "vllm", "root": root, "parent": BASE,
+              "max_model_len": None, "permission": []} for name, root in adapters]
+    return {"object": "list", "data": data}
+
+
+def vllm_error(message: str, code: int, kind: str = "BadRequestError") -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def loaded_message(name: str) -> str:
+    return (f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, "
+            "set 'load_inplace' to True.")
+
+
+LOAD = f"{URL}/v1/load_lora_adapter"
+UNLOAD = f"{URL}/v1/unload_lora_adapter"
+MODELS = f"{URL}/v1/models"
+
+
+@pytest.fixture
+def client() -> VLLMClient:
+    c = VLLMClient(requests.Session(), timeout=2.0)
+    c.base_url = URL
+    return c
+
+
+@pytest.fixture
+def mocked():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        yield rsps
+
+
+def plain_text(rsps, method, url, status, text):
+    """vLLM's success answers are plain text with no Content-Type header at all."""
+    rsps.add(method, url, status=status, body=text, content_type=None)
+
+
+def test_models_are_split_into_base_models_and_adapters(client, mocked):
+    mocked.get(MODELS, json=models_body(("a1", "/adapters/a1")))
+    state = client.server_state()
+    assert state.base_models == (BASE,)
+    assert state.serves(BASE_ROOT)
+    assert dict(state.adapters) == {"a1": "/adapters/a1"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [[], {"data": 5}, {"object": "list"}, {"data": [5]}, {"data": [{"root": "x"}]},
+     {"data": [{"id": 3}]}, {"data": [{"id": "a", "root": 5, "parent": None}]},
+     {"data": [{"id": "a", "root": "r", "parent": ["x"]}]}],
+)
+def test_unexpected_model_lists_are_refused_whole(body):
+    with pytest.raises(ValueError):
+        parse_model_list(body)
+
+
+def test_model_list_that_is_not_json_is_a_server_error(client, mocked):
+    plain_text(mocked, "GET", MODELS, 200, "<html>oops</html>")
+    with pytest.raises(ServerError, match="unexpected body"):
+        client.server_state()
+
+
+def test_model_list_5xx_is_a_server_error(client, mocked):
+    mocked.get(MODELS, status=500, json=vllm_error("boom", 500))
+    with pytest.raises(ServerError, match="answered 500: boom"):
+        client.server_state()
+
+
+def test_401_without_key_says_a_key_is_needed(client, mocked):
+    mocked.get(MODELS, status=401, json={"error": "Unauthorized"})
+    with pytest.raises(ServerError, match="requires an API key; set VLLM_API_KEY or --api-key-file"):
+        client.server_state()
+
+
+def test_401_with_key_says_it_was_refused(mocked):
+    c = VLLMClient(requests.Session(), 2.0, api_key="wrong-key")
+    c.base_url = URL
+    mocked.get(MODELS, status=401, json={"error": "Unauthorized"})
+    with pytest.raises(ServerError) as caught:
+        c.server_state()
+    assert "refused" in str(caught.value) and "wrong-key" not in str(caught.value)
+
+
+def test_api_key_is_sent_as_bearer_on_every_call(mocked):
+    c = VLLMClient(requests.Session(), 2.0, api_key="k-123")
+    c.base_url = URL
+    mocked.get(MODELS, json=models_body())
+    plain_text(mocked, "POST", LOAD, 200, "Success: LoRA adapter 'a1' added successfully.")
+    c.server_state()
+    c.load(A1)
+    assert [call.request.headers["Authorization"] for call in mocked.calls] == ["Bearer k-123"] * 2
+
+
+def test_load_success_is_plain_text_without_content_type(client, mocked):
+    plain_text(mocked, "POST", LOAD, 200, "Success: LoRA adapter 'a1' added successfully.")
+    outcome = client.load(A1)
+    assert outcome.ok and outcome.message == "Success: LoRA adapter 'a1' added successfully."
+    assert json.loads(mocked.calls[0].request.body) == {"lora_name": "a1", "lora_path": "/adapters/a1"}
+
+
+def test_load_already_loaded_counts_as_loaded(client, mocked):
+    mocked.post(LOAD, status=400, json=vllm_error(loaded_message("a1"), 400))
+    assert client.load(A1).ok
+
+
+def test_inplace_load_sends_the_flag(client, mocked):
+    plain_text(mocked, "POST", LOAD, 200, "Success: LoRA adapter 'a1' added successfully.")
+    assert client.load(A1, inplace=True).ok
+    assert json.loads(mocked.calls[0].request.body)["load_inplace"] is True
+
+
+def test_inplace_load_refused_by_older_vllm_is_flagged(client, mocked):
+    mocked.post(LOAD, status=400, json=vllm_error(loaded_message("a1"), 400))
+    outcome = client.load(A1, inplace=True)
+    assert not outcome.ok and outcome.inplace_refused
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (404, "Loading lora a1 failed: No adapter found for <path>"),
+        (500, "Loading lora a1 failed: LoRA rank 16 is greater than max_lora_rank 8."),
+        (400, "Both 'lora_name' and 'lora_path' must be provided."),
+        (400, "The lora adapter name 'tiny' conflicts with a served base model."),
+    ],
+)
+def test_load_failures_carry_the_servers_reason(client, mocked, status, message):
+    mocked.post(LOAD, status=status, json=vllm_error(message, status))
+    outcome = client.load(A1)
+    assert (outcome.ok, outcome.status, outcome.message) == (False, status, message)
+
+
+def test_load_500_without_json_body_still_fails_with_its_text(client, mocked):
+    plain_text(mocked, "POST", LOAD, 500, "Internal Server Error")
+    assert client.load(A1).message == "Internal Server Error"
+
+
+def test_runtime_lora_off_names_the_variable(client, mocked):
+    mocked.post(LOAD, status=404, json={"detail": "Not Found"})
+    with pytest.raises(ServerError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING=true"):
+        client.load(A1)
+
+
+def test_unload_success_and_unknown_both_mean_gone(client, mocked):
+    plain_text(mocked, "POST", UNLOAD, 200, "Success: LoRA adapter 'a1' removed successfully.")
+    mocked.post(UNLOAD, status=404, json=vllm_error("The lora adapter 'a1' cannot be found.", 404, "NotFoundError"))
+    assert client.unload("a1").ok
+    assert client.unload("a1").ok
+
+
+def test_unload_with_runtime_lora_off_names_the_variable(client, mocked):
+    mocked.post(UNLOAD, status=404, json={"detail": "Not Found"})
+    with pytest.raises(ServerError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
+        client.unload("a1")
+
+
+def test_unload_500_fails(client, mocked):
+    mocked.post(UNLOAD, status=500, json=vllm_error("boom", 500))
+    assert not client.unload("a1").ok
+
+
+def test_health(client, mocked):
+    mocked.get(f"{URL}/health", status=200, body="")
+    mocked.get(f"{URL}/health", status=503, body="")
+    assert client.is_healthy()
+    assert not client.is_healthy()
+
+
+def test_connection_refused_is_unreachable(client, mocked):
+    mocked.get(MODELS, body=requests.ConnectionError("refused"))
+    with pytest.raises(ServerUnreachable) as caught:
+        client.server_state()
+    assert not caught.value.timed_out
+
+
+def test_timeout_is_unreachable_and_marked(client, mocked):
+    mocked.post(LOAD, body=requests.ReadTimeout("slow"))
+    with pytest.raises(ServerUnreachable, match="no answer within 2 s") as caught:
+        client.load(A1)
+    assert caught.value.timed_out
+
+
+def test_every_call_has_a_timeout(client, mocked):
+    mocked.get(MODELS, json=models_body())
+    plain_text(mocked, "POST", LOAD, 200, "ok")
+    plain_text(mocked, "POST", UNLOAD, 200, "ok")
+    mocked.get(f"{URL}/health", status=200)
+    client.server_state()
+    client.load(A1)
+    client.unload("a1")
+    client.is_healthy()
+    assert [call.request.req_kwargs["timeout"] for call in mocked.calls] == [2.0] * 4
+
+
+# -------------------------------------------------------------- reconciler
+
+
+def reconciler(client: VLLMClient, period: float = 5.0) -> Reconciler:
+    r = Reconciler(client, period, health_check_timeout=300)
+    r.server_up = True
+    r._server_url = URL
+    return r
+
+
+def desired_for(*keep: Adapter, drop: tuple[Adapter, ...] = ()) -> DesiredState:
+    return DesiredState("vllm.test", 8000, "http", "t", None, keep, drop)
+
+
+def test_in_sync_cycle_sends_exactly_one_get(client, mocked):
+    many = [Adapter(f"a{i}", f"/adapters/a{i}") for i in range(50)]
+    mocked.get(MODELS, json=models_body(*[(a.id, a.source) for a in many]))
+    result = reconciler(client).reconcile(desired_for(*many, drop=(GONE,)))
+    assert result.in_sync and result.completed
+    assert [(c.request.method, c.request.url) for c in mocked.calls] == [("GET", MODELS)]
+
+
+def test_unknown_server_checks_health_first(client, mocked):
+    mocked.get(f"{URL}/health", status=200)
+    mocked.get(MODELS, json=models_body(("a1", "/adapters/a1")))
+    r = Reconciler(client, 5.0, 300)
+    r.reconcile(desired_for(A1))
+    r.reconcile(desired_for(A1))
+    assert [c.request.url for c in mocked.calls] == [f"{URL}/health", MODELS, MODELS]
+
+
+def test_one_failing_adapter_does_not_stop_the_others(client, mocked):
+    bad = Adapter("bad", "/adapters/bad")
+    mocked.get(MODELS, json=models_body())
+    mocked.add_callback(
+        "POST", LOAD,
+        callback=lambda req: (500, {}, json.dumps(vllm_error("rank too big", 500)))
+        if json.loads(req.body)["lora_name"] == "bad" else (200, {}, "Success"),
+    )
+    r = reconciler(client)
+    result = r.reconcile(desired_for(bad, A1, A2))
+    assert not result.in_sync and result.completed
+    loads = [json.loads(c.request.body)["lora_name"] for c in mocked.calls if c.request.url == LOAD]
+    assert loads == ["bad", "a1", "a2"]
+    assert r.records["bad"].state == "failed" and r.records["bad"].last_error == "500: rank too big"
+    assert r.records["a1"].state == "loaded"
+    assert r.ready  # a permanent failure does not hold readiness back
+
+
+def test_failed_adapter_waits_out_its_backoff(client, mocked, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(sidecar, "clock", lambda: now[0])
+    mocked.get(MODELS, json=models_body())
+    mocked.post(LOAD, status=404, json=vllm_error("No adapter found for <path>", 404))
+    r = reconciler(client, period=5.0)
+    desired = desired_for(A1)
+
+    def loads_after(t: float) -> int:
+        now[0] = t
+        r.reconcile(desired)
+        return sum(1 for c in mocked.calls if c.request.url == LOAD)
+
+    assert loads_after(1000) == 1
+    assert loads_after(1004.9) == 1  # backoff 5 s
+    assert loads_after(1005) == 2
+    assert loads_after(1014.9) == 2  # backoff 10 s
+    assert loads_after(1015) == 3
+    assert r.records["a1"].failures == 3
+
+
+def test_changed_entry_resets_its_backoff(client, mocked):
+    mocked.get(MODELS, json=models_body())
+    mocked.post(LOAD, status=404, json=vllm_error("No adapter found for <path>", 404))
+    r = reconciler(client)
+    r.reconcile(desired_for(A1))
+    r.reconcile(desired_for(Adapter("a1", "/adapters/fixed")))
+    loads = [json.loads(c.request.body)["lora_path"] for c in mocked.calls if c.request.url == LOAD]
+    assert loads == ["/adapters/a1", "/adapters/fixed"]
+
+
+def test_reload_falls_back_to_unload_then_load_on_older_vllm(client, mocked):
+    mocked.get(MODELS, json=models_body(("a1", "/old")))
+    mocked.post(LOAD, status=400, json=vllm_error(loaded_message("a1"), 400))
+    plain_text(mocked, "POST", UNLOAD, 200, "Success")
+    plain_text(mocked, "POST", LOAD, 200, "Success")
+    r = reconciler(client)
+    assert r.reconcile(desired_for(A1)).in_sync
+    sent = [(c.request.url, json.loads(c.request.body)) for c in mocked.calls[1:]]
+    assert sent == [
+        (LOAD, {"lora_name": "a1", "lora_path": "/adapters/a1", "load_inplace": True}),
+        (UNLOAD, {"lora_name": "a1"}),
+        (LOAD, {"lora_name": "a1", "lora_path": "/adapters/a1"}),
+    ]
+
+
+def test_connection_error_mid_cycle_ends_it_without_guessing(client, mocked):
+    mocked.get(MODELS, json=models_body())
+    mocked.post(LOAD, body=requests.ConnectionError("reset"))
+    r = reconciler(client)
+    result = r.reconcile(desired_for(A1, A2))
+    assert not result.completed and result.unreachable
+    assert sum(1 for c in mocked.calls if c.request.url == LOAD) == 1
+    assert r.server_up is False
+    assert r.records["a1"].failures == 0  # the adapter is not to blame
+
+
+def test_timed_out_load_is_blamed_so_the_others_go_first_next_time(client, mocked):
+    mocked.get(MODELS, json=models_body())
+    mocked.add_callback(
+        "POST", LOAD,
+        callback=lambda req: (_ for _ in ()).throw(requests.ReadTimeout("slow"))
+        if json.loads(req.body)["lora_name"] == "a1" else (200, {}, "Success"),
+    )
+    mocked.get(f"{URL}/health", status=200)
+    r = reconciler(client)
+    r.reconcile(desired_for(A1, A2))
+    r.reconcile(desired_for(A1, A2))
+    loads = [json.loads(c.request.body)["lora_name"] for c in mocked.calls if c.request.url == LOAD]
+    assert loads == ["a1", "a2"]
+    assert r.records["a1"].state == "failed" and r.records["a2"].state == "loaded"
+
+
+def test_garbage_model_list_changes_nothing(client, mocked):
+    plain_text(mocked, "GET", MODELS, 200, "not json")
+    r = reconciler(client)
+    result = r.reconcile(desired_for(A1, drop=(GONE,)))
+    assert result.error and "unexpected body" in result.error
+    assert len(mocked.calls) == 1
+
+
+def test_a_bug_in_a_cycle_is_logged_and_survived(client, mocked, monkeypatch, caplog):
+    mocked.get(MODELS, json=models_body())
+    monkeypatch.setattr(sidecar, "plan", lambda *_: 1 / 0)
+    r = reconciler(client)
+    result = r.reconcile(desired_for(A1))
+    assert result.error and "ZeroDivisionError" in result.error
+
+
+def test_status_reports_each_adapter(client, mocked):
+    mocked.get(MODELS, json=models_body(("gone", "/g")))
+    mocked.post(LOAD, status=500, json=vllm_error("LoRA rank 16 is greater than max_lora_rank 8.", 500))
+    plain_text(mocked, "POST", UNLOAD, 200, "Success")
+    r = reconciler(client)
+    r.reconcile(desired_for(A1, Adapter("x", "/x", "big"), drop=(GONE,)))
+    adapters = r.status()["adapters"]
+    assert adapters["a1"]["state"] == "failed"
+    assert adapters["a1"]["last_error"] == "500: LoRA rank 16 is greater than max_lora_rank 8."
+    assert adapters["a1"]["failures"] == 1 and adapters["a1"]["next_retry"]
+    assert adapters["gone"] == {**adapters["gone"], "state": "absent", "last_action": "unload", "desired": "absent"}
+    assert adapters["x"]["state"] == "skipped" and "'big'" in adapters["x"]["last_error"]
+
+
+# ---------------------------------------------------------- config source
+
+
+def test_config_source_follows_kubelet_swaps_and_keeps_last_good(tmp_path, caplog):
+    folder = KubeletConfigDir(tmp_path / "config")
+    folder.write("vLLMLoRAConfig: {ensureExist: {models: [{id: a1, source: /s}]}}")
+    source = ConfigSource(folder.path)
+    assert source.poll()
+    assert not source.poll()  # nothing changed: no read
+    first = source.desired
+    for bad in ["vLLMLoRAConfig: {port: 0}", "", "{{{", "vLLMLoRAConfig: {port: 0}"]:
+        folder.write(bad)
+        assert not source.poll()
+        assert source.desired == first and source.error
+    folder.write("vLLMLoRAConfig: {ensureExist: {models: [{id: a2, source: /s}]}}")
+    assert source.poll()
+    assert [a.id for a in source.desired.ensure_exist] == ["a2"] and source.error is None
+
+
+def test_config_errors_are_logged_once_each(tmp_path, caplog):
+    folder = KubeletConfigDir(tmp_path / "config")
+    folder.write("vLLMLoRAConfig: {port: 0}")
+    source = ConfigSource(folder.path)
+    with caplog.at_level(logging.ERROR, logger="lora-sidecar"):
+        for _ in range(5):
+            source.poll(force=True)
+    assert len(caplog.records) == 1
+
+
+def test_missing_file_keeps_last_good_and_is_reported_when_it_persists(tmp_path):
+    folder = KubeletConfigDir(tmp_path / "config")
+    folder.write("vLLMLoRAConfig: {}")
+    source = ConfigSource(folder.path)
+    source.poll()
+    folder.dangle()
+    assert not source.poll()
+    assert source.error is None  # a swap in progress is not an error yet
+    assert not source.poll()
+    assert "does not exist" in source.error and source.desired is not None
+    folder.write("vLLMLoRAConfig: {port: 9000}")
+    assert source.poll() and source.desired.port == 9000
+
+
+def test_in_place_edit_is_noticed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("vLLMLoRAConfig: {}")
+    source = ConfigSource(path)
+    source.poll()
+    path.write_text("vLLMLoRAConfig: {port: 1234}")
+    os.utime(path, ns=(1, 1))  # even with an old mtime, the size differs
+    assert source.poll() and source.desired.port == 1234
+
+
+# ------------------------------------------------------------ command line
+
+
+def test_flags_fall_back_to_environment(monkeypatch, tmp_path):
+    key = tmp_path / "key"
+    key.write_text("secret-from-file\n")
+    monkeypatch.setenv("DYNAMIC_LORA_ROLLOUT_CONFIG", "/etc/c.yaml")
+    monkeypatch.setenv("LORA_SIDECAR_RECONCILE_TRIGGER", "7.5")
+    monkeypatch.setenv("LORA_SIDECAR_CONFIG_VALIDATION", "false")
+    monkeypatch.setenv("LORA_SIDECAR_API_KEY_FILE", str(key))
+    monkeypatch.setenv("LORA_SIDECAR_LOG_FORMAT", "json")
+    settings = sidecar.parse_settings([])
+    assert settings.config_path == Path("/etc/c.yaml")
+    assert settings.reconcile_period == 7.5 and settings.config_validation is False
+    assert settings.api_key == "secret-from-file" and settings.log_format == "json"
+    assert "secret" not in repr(settings)
+    assert sidecar.parse_settings(["--reconcile-trigger", "2"]).reconcile_period == 2
+
+
+def test_defaults_match_the_original_sidecar(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("LORA_SIDECAR_") or name in ("DYNAMIC_LORA_ROLLOUT_CONFIG", "VLLM_API_KEY"):
+            monkeypatch.delenv(name)
+    s = sidecar.parse_settings([])
+    assert (s.config_path, s.health_check_timeout, s.health_check_interval, s.reconcile_period) == (
+        Path("/config/configmap.yaml"), 300, 2, 5)
+    assert (s.config_validation, s.metrics_port, s.request_timeout, s.api_key, s.mode) == (True, 8080, 10, None, "run")
+
+
+def test_api_key_from_environment(monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", "env-key")
+    assert sidecar.parse_settings([]).api_key == "env-key"
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "message"),
+    [("LORA_SIDECAR_RECONCILE_TRIGGER", "soon", "invalid float value"),
+     ("LORA_SIDECAR_LOG_FORMAT", "xml", "--log-format: 'xml' is not one of text, json"),
+     ("LORA_SIDECAR_REQUEST_TIMEOUT", "0", "must be positive")],
+)
+def test_bad_environment_values_are_usage_errors(monkeypatch, capsys, env, value, message):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SystemExit) as caught:
+        sidecar.parse_settings([])
+    assert caught.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_help_names_every_environment_variable(capsys):
+    with pytest.raises(SystemExit):
+        sidecar.parse_settings(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ["DYNAMIC_LORA_ROLLOUT_CONFIG", "HEALTH_CHECK_TIMEOUT", "HEALTH_CHECK_INTERVAL", "RECONCILE_TRIGGER",
+                 "CONFIG_VALIDATION", "METRICS_PORT", "REQUEST_TIMEOUT", "API_KEY_FILE", "VLLM_API_KEY",
+                 "LOG_LEVEL", "LOG_FORMAT", "--once", "--dry-run", "--validate", "--version"]:
+        assert name in text
+
+
+# ------------------------------------------------------------------- logs
+
+
+def log_line(json_lines: bool, secrets=(), **fields) -> str:
+    record = logging.LogRecord("lora-sidecar", logging.INFO, __file__, 1, "load done: a1", None, None)
+    record.fields = fields
+    return sidecar.LogFormatter(json_lines, secrets).format(record)
+
+
+def test_json_log_line_has_the_documented_fields():
+    line = json.loads(log_line(True, adapter="a1", action="load", result="success", duration_s=0.01))
+    assert line["level"] == "info" and line["msg"] == "load done: a1" and line["ts"].endswith("Z")
+    assert (line["adapter"], line["action"], line["result"], line["duration_s"]) == ("a1", "load", "success", 0.01)
+
+
+def test_text_log_line_carries_the_same_fields():
+    line = log_line(False, adapter="a1", error="404: No adapter found")
+    assert line.endswith('INFO    load done: a1 adapter=a1 error="404: No adapter found"')
+
+
+def test_secrets_are_masked_in_any_log_line():
+    assert "k-9" not in log_line(True, ["k-9"], error="header Bearer k-9 rejected")
+    assert "k-9" not in log_line(False, ["k-9"], error="header Bearer k-9 rejected")
