@@ -617,6 +617,7 @@ class AdapterRecord:
     last_error: str | None = None
     failures: int = 0
     retry_at: float | None = None
+    published: str | None = None  # the state last written to the metrics
 
     def status(self) -> dict[str, Any]:
         return {
@@ -806,6 +807,9 @@ class Reconciler:
             self._publish(record)
 
     def _publish(self, record: AdapterRecord) -> None:
+        if record.published == record.state:
+            return  # an idle cycle over many adapters should cost next to nothing
+        record.published = record.state
         adapter_id = record.adapter.id
         loaded = 1 if record.desired == "present" and record.state == "loaded" else 0
         ADAPTER_LOADED.labels(adapter_id).set(loaded)
@@ -920,7 +924,7 @@ class ConfigSource:
         CONFIG_LAST_CHANGE.set(wall_time(clock()))
         log.info(
             "config loaded",
-            extra={"fields": {"config": desired.name, "config_sha256": desired.sha256,
+            extra={"fields": {"name": desired.name or None, "config_sha256": desired.sha256,
                               "ensure_exist": len(desired.ensure_exist),
                               "ensure_not_exist": len(desired.ensure_not_exist)}},
         )
@@ -993,6 +997,7 @@ class StatusServer(ThreadingHTTPServer):
 
 class StatusHandler(BaseHTTPRequestHandler):
     timeout = 5  # a client that sends half a request must not hold a thread forever
+    disable_nagle_algorithm = True  # headers and body are two writes; don't wait for a delayed ACK
     server: StatusServer
     PATHS = ("/metrics", "/healthz", "/readyz", "/status")
 
@@ -1042,7 +1047,7 @@ class LogFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-        fields: dict[str, Any] = dict(getattr(record, "fields", {}))
+        fields = {k: v for k, v in getattr(record, "fields", {}).items() if v is not None}
         if record.exc_info:
             fields["error"] = self.formatException(record.exc_info)
         if self.json_lines:
