@@ -1218,8 +1218,13 @@ def run_forever(settings: Settings, client: VLLMClient) -> int:
 
     status_server = None
     if settings.metrics_port:
-        status_server = StatusServer((settings.metrics_address, settings.metrics_port), status, alive,
-                                     lambda: reconciler.ready)
+        address = (settings.metrics_address, settings.metrics_port)
+        try:
+            status_server = StatusServer(address, status, alive, lambda: reconciler.ready)
+        except OSError as e:
+            log.error("cannot serve metrics and probes", extra={"fields": {"address": f"{address[0]}:{address[1]}",
+                                                                            "error": e.strerror or str(e)}})
+            return 1
         threading.Thread(target=status_server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
     log.info("sidecar started", extra={"fields": {"version": VERSION, "config": str(settings.config_path),
                                                   "metrics_port": settings.metrics_port}})
