@@ -17,7 +17,6 @@ client, `plan()`, the reconciler, the triggers, the status server, `main()`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import enum
 import hashlib
 import json
@@ -38,6 +37,7 @@ import jsonschema
 import prometheus_client as prom
 import requests
 import yaml
+from prometheus_client.core import GaugeMetricFamily
 
 VERSION = "1.0.0"
 SCHEMA_PATH = Path(__file__).resolve().with_name("validation.yaml")
@@ -51,30 +51,27 @@ MAX_CONFIG_BYTES = 1024 * 1024
 MAX_CONFIG_NODES = 100_000
 MAX_CONFIG_DEPTH = 64
 MAX_MESSAGE_CHARS = 300
+# vLLM takes calls for different adapters at once and applies them one by one; a few in
+# flight hide each round trip behind the engine's own work.
+MAX_REQUESTS_IN_FLIGHT = 4
 RUNTIME_LORA_HINT = (
     "vLLM has runtime LoRA updating turned off: start it with "
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true and --enable-lora"
 )
 
 log = logging.getLogger("lora-sidecar")
+# libyaml's safe loader when PyYAML has it (10x faster on large configs); both are safe.
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # The metric inventory: everything the sidecar reports, in one place.
+# Per-adapter series are built from the reconciler's records at scrape time (AdapterMetrics),
+# so they cost nothing per cycle and leave with the adapter when it leaves the config.
 ADAPTER_STATES = ("loaded", "pending", "failed", "absent", "skipped")
-ADAPTER_LOADED = prom.Gauge(
-    "lora_sidecar_adapter_loaded",
-    "1 when the server lists an ensureExist adapter with the desired source, else 0.",
-    ["adapter"],
-)
-ADAPTER_STATE = prom.Gauge(
-    "lora_sidecar_adapter_state",
-    "One-hot state of each adapter named in the config.",
-    ["adapter", "state"],
-)
-LEGACY_ADAPTER_STATUS = prom.Gauge(
-    "lora_syncer_adapter_status",
-    "1 when the adapter is loaded (kept for dashboards built for the original lora-syncer).",
-    ["adapter_name"],
-)
+ADAPTER_LOADED = ("lora_sidecar_adapter_loaded",
+                  "1 when the server lists an ensureExist adapter with the desired source, else 0.")
+ADAPTER_STATE = ("lora_sidecar_adapter_state", "One-hot state of each adapter named in the config.")
+LEGACY_ADAPTER_STATUS = ("lora_syncer_adapter_status",
+                         "1 when the adapter is loaded (kept for dashboards built for the original lora-syncer).")
 OPERATIONS = prom.Counter(
     "lora_sidecar_operations", "Load, reload and unload requests sent.", ["op", "result"]
 )
@@ -267,7 +264,7 @@ def _parse_yaml(raw: bytes | str, label: str) -> Any:
     if not raw.strip():
         raise ConfigError([f"{label}: the file is empty; expected a {CONFIG_KEY} document"])
     try:
-        document = yaml.safe_load(raw)
+        document = yaml.load(raw, Loader=SAFE_LOADER)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -477,6 +474,15 @@ class VLLMClient:
         except ServerUnreachable:
             return False
 
+    def use_server(self, base_url: str) -> None:
+        """Point at a server. Proxy and CA-bundle settings (HTTPS_PROXY, NO_PROXY,
+        REQUESTS_CA_BUNDLE) are read from the environment once here, not on every request."""
+        self.base_url = base_url
+        self.session.trust_env = True
+        found = self.session.merge_environment_settings(base_url, {}, None, None, None)
+        self.session.proxies, self.session.verify = found["proxies"], found["verify"]
+        self.session.trust_env = False  # also keeps a ~/.netrc from replacing the API key
+
     def server_state(self) -> ServerState:
         response = self._call("GET", "/v1/models")
         self._raise_for_auth(response)
@@ -546,16 +552,21 @@ def parse_model_list(body: Any) -> ServerState:
     return ServerState(tuple(base_models), frozenset(roots), adapters)
 
 
+def _text(response: requests.Response) -> str:
+    # vLLM's plain-text answers carry no Content-Type; decoding directly skips charset guessing.
+    return response.content.decode("utf-8", errors="replace")
+
+
 def _json_body(response: requests.Response) -> Any:
     try:
-        return json.loads(response.text)
+        return json.loads(_text(response))
     except ValueError:
         return None
 
 
 def _server_message(response: requests.Response) -> str:
     body = _json_body(response)
-    message: Any = response.text
+    message: Any = _text(response)
     if isinstance(body, dict):
         error = body.get("error")
         message = error.get("message", error) if isinstance(error, dict) else error or body.get("detail") or message
@@ -617,7 +628,6 @@ class AdapterRecord:
     last_error: str | None = None
     failures: int = 0
     retry_at: float | None = None
-    published: str | None = None  # the state last written to the metrics
 
     def status(self) -> dict[str, Any]:
         return {
@@ -631,6 +641,14 @@ class AdapterRecord:
             "failures": self.failures,
             "next_retry": iso_time(self.retry_at),
         }
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One action's answer (or the exception that stopped it) and how long it took."""
+
+    result: Outcome | ServerUnreachable | ServerError
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -689,7 +707,7 @@ class Reconciler:
         except ServerError as e:
             return CycleResult(False, False, str(e))
         the_plan = plan(desired, server)
-        self._observe(desired, server, the_plan)
+        self._observe(server, the_plan)
         return self._execute(the_plan, now)
 
     def _wait_step(self, now: float) -> bool:
@@ -705,48 +723,63 @@ class Reconciler:
         return healthy
 
     def _execute(self, the_plan: Plan, now: float) -> CycleResult:
-        pending = False
-        for action in the_plan.actions:
-            record = self.records[action.adapter.id]
-            if record.retry_at is not None and now < record.retry_at:
-                pending = True  # still backing off
-                continue
-            try:
-                ok = self._apply(action, record, now)
-            except ServerUnreachable as e:
-                if e.timed_out:
-                    self._fail(record, action, str(e), now)  # a hung load must not block the others forever
-                self._set_server_up(False, str(e))
-                return CycleResult(False, False, str(e), unreachable=True)
-            except ServerError as e:
-                return CycleResult(False, False, str(e))
-            pending = pending or not ok
+        due = [a for a in the_plan.actions if self.records[a.adapter.id].retry_at is None
+               or now >= self.records[a.adapter.id].retry_at]
+        pending = len(due) < len(the_plan.actions)  # some are still backing off
+        unloads = [a for a in due if a.op is Op.UNLOAD]
+        changes = [a for a in due if a.op is not Op.UNLOAD]
+        for batch in (unloads, changes):  # unloads first, so their slots are free for the loads
+            error: ServerUnreachable | ServerError | None = None
+            for action, sent in zip(batch, self._send_all(batch), strict=True):
+                if sent is None:
+                    pending = True  # not sent: an earlier call got no answer
+                elif isinstance(sent.result, Outcome):
+                    pending = not self._record(action, sent.result, sent.seconds, now) or pending
+                else:
+                    error = error or sent.result
+                    if isinstance(sent.result, ServerUnreachable) and sent.result.timed_out:
+                        # Blame the adapter whose load hung, so it cannot block the others forever.
+                        self._fail(self.records[action.adapter.id], action, str(sent.result), now,
+                                   self._fields(action, sent.seconds))
+            if isinstance(error, ServerUnreachable):
+                self._set_server_up(False, str(error))
+                return CycleResult(False, False, str(error), unreachable=True)
+            if error:
+                return CycleResult(False, False, str(error))
         # Ready once every loadable adapter was loaded; a permanent failure must not hold a pod back.
         settled = ("loaded", "failed", "skipped")
         self.ready = self.ready or all(r.state in settled for r in self.records.values() if r.desired == "present")
         return CycleResult(True, not pending, None)
 
-    def _apply(self, action: Action, record: AdapterRecord, now: float) -> bool:
-        started = clock()
-        outcome = self._send(action)
-        OPERATIONS.labels(action.op.value, "success" if outcome.ok else "error").inc()
-        OPERATION_SECONDS.labels(action.op.value).observe(clock() - started)
-        record.last_action = action.op.value
-        fields = {
-            "adapter": action.adapter.id,
-            "action": action.op.value,
-            "duration_s": round(clock() - started, 4),
-            "reconcile_id": self.cycles,
-        }
-        if not outcome.ok:
-            self._fail(record, action, f"{outcome.status}: {outcome.message}", now, fields)
-            return False
-        log.info(f"{action.op.value} done: {action.adapter.id}", extra={"fields": {**fields, "result": "success"}})
-        record.failures, record.retry_at, record.last_error = 0, None, None
-        record.state = "absent" if action.op is Op.UNLOAD else "loaded"
-        record.observed_source = None if action.op is Op.UNLOAD else action.adapter.source
-        self._publish(record)
-        return True
+    def _send_all(self, actions: list[Action]) -> list[Sent | None]:
+        """Send up to MAX_REQUESTS_IN_FLIGHT requests at once: vLLM accepts calls for different
+        names concurrently, which hides each round trip behind the engine's own work. After
+        a call that gets no answer or stops the cycle, nothing more is sent (None)."""
+        results: list[Sent | None] = [None] * len(actions)
+        queue = iter(enumerate(actions))
+        lock = threading.Lock()
+        stopped = threading.Event()
+
+        def worker() -> None:
+            while not stopped.is_set():
+                with lock:
+                    index, action = next(queue, (-1, None))
+                if action is None:
+                    return
+                started = clock()
+                try:
+                    results[index] = Sent(self._send(action), clock() - started)
+                except (ServerUnreachable, ServerError) as e:
+                    results[index] = Sent(e, clock() - started)
+                    stopped.set()
+
+        workers = [threading.Thread(target=worker, daemon=True)
+                   for _ in range(min(MAX_REQUESTS_IN_FLIGHT, len(actions)))]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
+        return results
 
     def _send(self, action: Action) -> Outcome:
         if action.op is Op.UNLOAD:
@@ -760,38 +793,53 @@ class Reconciler:
         unloaded = self.client.unload(action.adapter.id)
         return self.client.load(action.adapter) if unloaded.ok else unloaded
 
-    def _fail(
-        self, record: AdapterRecord, action: Action, error: str, now: float, fields: dict[str, Any] | None = None
-    ) -> None:
+    def _fields(self, action: Action, seconds: float) -> dict[str, Any]:
+        return {"adapter": action.adapter.id, "action": action.op.value, "duration_s": round(seconds, 4),
+                "reconcile_id": self.cycles}
+
+    def _record(self, action: Action, outcome: Outcome, seconds: float, now: float) -> bool:
+        """Remember what the server answered to one action; True if it succeeded."""
+        OPERATIONS.labels(action.op.value, "success" if outcome.ok else "error").inc()
+        OPERATION_SECONDS.labels(action.op.value).observe(seconds)
+        record = self.records[action.adapter.id]
+        record.last_action = action.op.value
+        fields = self._fields(action, seconds)
+        if not outcome.ok:
+            self._fail(record, action, f"{outcome.status}: {outcome.message}", now, fields)
+            return False
+        log.info(f"{action.op.value} done: {action.adapter.id}", extra={"fields": {**fields, "result": "success"}})
+        record.failures, record.retry_at, record.last_error = 0, None, None
+        record.state = "absent" if action.op is Op.UNLOAD else "loaded"
+        record.observed_source = None if action.op is Op.UNLOAD else action.adapter.source
+        return True
+
+    def _fail(self, record: AdapterRecord, action: Action, error: str, now: float, fields: dict[str, Any]) -> None:
         record.failures += 1
         record.retry_at = now + backoff_delay(record.failures, self.period)
         record.state = "failed"
+        record.last_action = action.op.value
         if error != record.last_error:  # once per distinct error, not once per retry
             log.warning(
                 f"{action.op.value} failed: {action.adapter.id}",
-                extra={"fields": {**(fields or {}), "adapter": action.adapter.id, "action": action.op.value,
-                                  "result": "error", "error": error, "retry_in_s": record.retry_at - now}},
+                extra={"fields": {**fields, "result": "error", "error": error, "retry_in_s": record.retry_at - now}},
             )
         record.last_error = error
-        self._publish(record)
 
     def _adopt(self, desired: DesiredState) -> None:
         """Follow config changes: new records for new or changed entries, none for dropped ones."""
-        self.client.base_url = desired.server_url
         if desired.server_url != self._server_url:
+            self.client.use_server(desired.server_url)
             self._server_url, self.server_up = desired.server_url, None
         wanted = {a.id: (a, "present") for a in desired.ensure_exist}
         wanted.update({a.id: (a, "absent") for a in desired.ensure_not_exist})
         for adapter_id in set(self.records) - set(wanted):
             del self.records[adapter_id]
-            _forget_metrics(adapter_id)
         for adapter_id, (adapter, goal) in wanted.items():
             record = self.records.get(adapter_id)
             if record is None or record.adapter != adapter or record.desired != goal:
                 self.records[adapter_id] = AdapterRecord(adapter, goal)  # a changed entry resets its backoff
-                self._publish(self.records[adapter_id])
 
-    def _observe(self, desired: DesiredState, server: ServerState, the_plan: Plan) -> None:
+    def _observe(self, server: ServerState, the_plan: Plan) -> None:
         """Set each record's state from what the server lists, before any action changes it."""
         skipped = {skip.adapter.id: skip.reason for skip in the_plan.skipped}
         planned = {action.adapter.id for action in the_plan.actions}
@@ -804,18 +852,6 @@ class Reconciler:
                 record.failures, record.retry_at, record.last_error = 0, None, None
             elif record.failures == 0:
                 record.state = "pending"
-            self._publish(record)
-
-    def _publish(self, record: AdapterRecord) -> None:
-        if record.published == record.state:
-            return  # an idle cycle over many adapters should cost next to nothing
-        record.published = record.state
-        adapter_id = record.adapter.id
-        loaded = 1 if record.desired == "present" and record.state == "loaded" else 0
-        ADAPTER_LOADED.labels(adapter_id).set(loaded)
-        LEGACY_ADAPTER_STATUS.labels(adapter_id).set(loaded)
-        for state in ADAPTER_STATES:
-            ADAPTER_STATE.labels(adapter_id, state).set(1 if record.state == state else 0)
 
     def _set_server_up(self, up: bool, reason: str = "") -> None:
         if up != self.server_up:
@@ -847,15 +883,6 @@ class Reconciler:
         }
 
 
-def _forget_metrics(adapter_id: str) -> None:
-    for gauge in (ADAPTER_LOADED, LEGACY_ADAPTER_STATUS):
-        with contextlib.suppress(KeyError):
-            gauge.remove(adapter_id)
-    for state in ADAPTER_STATES:
-        with contextlib.suppress(KeyError):
-            ADAPTER_STATE.remove(adapter_id, state)
-
-
 # ------------------------------------------------------------------ triggers
 
 
@@ -885,19 +912,21 @@ class ConfigSource:
             # when it is still missing on the next look, since a swap lasts far less than a tick.
             if self._missing:
                 self._report(f"{self.path}: the config file does not exist")
+                self._sha_seen = None  # the same good file coming back is news
             self._missing = True
             return False
         except OSError as e:
             self._report(f"{self.path}: cannot read the file: {e.strerror or e}")
             return False
-        except ConfigError as e:
-            raw = b""
+        except ConfigError as e:  # too large to be a config
+            self._stat_seen = stat
             self._report(str(e))
+            return False
         self._missing = False
         self._stat_seen = stat
         self.last_read = clock()
         sha = hashlib.sha256(raw).hexdigest()
-        if not raw or sha == self._sha_seen:
+        if sha == self._sha_seen:
             return False
         self._sha_seen = sha
         try:
@@ -967,7 +996,7 @@ def run_loop(
             next_due = now + reconciler.next_delay(settings.health_check_interval)
         elif due:
             next_due = now + settings.health_check_interval
-        stop.wait(settings.watch_interval)
+        stop.wait(min(settings.watch_interval, max(0.0, next_due - clock())))
 
 
 def wait_for_health(client: VLLMClient, timeout: float, interval: float) -> bool:
@@ -980,6 +1009,26 @@ def wait_for_health(client: VLLMClient, timeout: float, interval: float) -> bool
 
 
 # ------------------------------------------------------------- status server
+
+
+class AdapterMetrics(prom.registry.Collector):
+    """The per-adapter series, read from the reconciler's records when Prometheus scrapes."""
+
+    def __init__(self, reconciler: Reconciler) -> None:
+        self.reconciler = reconciler
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        loaded = GaugeMetricFamily(*ADAPTER_LOADED, labels=["adapter"])
+        state = GaugeMetricFamily(*ADAPTER_STATE, labels=["adapter", "state"])
+        legacy = GaugeMetricFamily(*LEGACY_ADAPTER_STATUS, labels=["adapter_name"])
+        for record in list(self.reconciler.records.values()):  # a snapshot: the loop may change the dict
+            adapter_id = record.adapter.id
+            is_loaded = 1 if record.desired == "present" and record.state == "loaded" else 0
+            loaded.add_metric([adapter_id], is_loaded)
+            legacy.add_metric([adapter_id], is_loaded)
+            for name in ADAPTER_STATES:
+                state.add_metric([adapter_id, name], 1 if record.state == name else 0)
+        yield from (loaded, state, legacy)
 
 
 class StatusServer(ThreadingHTTPServer):
@@ -1186,7 +1235,7 @@ def run_one_shot(settings: Settings, client: VLLMClient) -> int:
     except ConfigError as e:
         print("\n".join(e.errors), file=sys.stderr)
         return 2
-    client.base_url = desired.server_url
+    client.use_server(desired.server_url)
     if not wait_for_health(client, settings.health_check_timeout, settings.health_check_interval):
         log.error("vLLM is not healthy", extra={"fields": {"server": desired.server_url,
                                                            "waited_s": settings.health_check_timeout}})
@@ -1206,6 +1255,7 @@ def run_forever(settings: Settings, client: VLLMClient) -> int:
     config = ConfigSource(settings.config_path, settings.config_validation)
     reconciler = Reconciler(client, settings.reconcile_period, settings.health_check_timeout)
     heartbeat = Heartbeat()
+    prom.REGISTRY.register(AdapterMetrics(reconciler))
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

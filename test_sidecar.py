@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -584,7 +585,7 @@ def test_one_failing_adapter_does_not_stop_the_others(client, mocked):
     result = r.reconcile(desired_for(bad, A1, A2))
     assert not result.in_sync and result.completed
     loads = [json.loads(c.request.body)["lora_name"] for c in mocked.calls if c.request.url == LOAD]
-    assert loads == ["bad", "a1", "a2"]
+    assert sorted(loads) == ["a1", "a2", "bad"]
     assert r.records["bad"].state == "failed" and r.records["bad"].last_error == "500: rank too big"
     assert r.records["a1"].state == "loaded"
     assert r.ready  # a permanent failure does not hold readiness back
@@ -637,14 +638,16 @@ def test_reload_falls_back_to_unload_then_load_on_older_vllm(client, mocked):
 
 
 def test_connection_error_mid_cycle_ends_it_without_guessing(client, mocked):
+    many = [Adapter(f"a{i}", f"/adapters/a{i}") for i in range(20)]
     mocked.get(MODELS, json=models_body())
     mocked.post(LOAD, body=requests.ConnectionError("reset"))
     r = reconciler(client)
-    result = r.reconcile(desired_for(A1, A2))
+    result = r.reconcile(desired_for(*many))
     assert not result.completed and result.unreachable
-    assert sum(1 for c in mocked.calls if c.request.url == LOAD) == 1
+    # Only the calls already in flight went out; nothing after the first failure.
+    assert 1 <= sum(1 for c in mocked.calls if c.request.url == LOAD) <= sidecar.MAX_REQUESTS_IN_FLIGHT
     assert r.server_up is False
-    assert r.records["a1"].failures == 0  # the adapter is not to blame
+    assert all(record.failures == 0 for record in r.records.values())  # the adapters are not to blame
 
 
 def test_timed_out_load_is_blamed_so_the_others_go_first_next_time(client, mocked):
@@ -659,7 +662,7 @@ def test_timed_out_load_is_blamed_so_the_others_go_first_next_time(client, mocke
     r.reconcile(desired_for(A1, A2))
     r.reconcile(desired_for(A1, A2))
     loads = [json.loads(c.request.body)["lora_name"] for c in mocked.calls if c.request.url == LOAD]
-    assert loads == ["a1", "a2"]
+    assert loads.count("a1") == 1 and "a2" in loads  # a1 waits out its backoff; a2 went ahead
     assert r.records["a1"].state == "failed" and r.records["a2"].state == "loaded"
 
 
@@ -677,6 +680,41 @@ def test_a_bug_in_a_cycle_is_logged_and_survived(client, mocked, monkeypatch, ca
     r = reconciler(client)
     result = r.reconcile(desired_for(A1))
     assert result.error and "ZeroDivisionError" in result.error
+
+
+def test_loads_overlap_up_to_the_limit_and_no_further(client, mocked):
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def slow_load(request):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+            if in_flight[0] == sidecar.MAX_REQUESTS_IN_FLIGHT:
+                release.set()
+        release.wait(2)
+        with lock:
+            in_flight[0] -= 1
+        return 200, {}, "Success"
+
+    mocked.get(MODELS, json=models_body())
+    mocked.add_callback("POST", LOAD, callback=slow_load)
+    many = [Adapter(f"a{i}", f"/adapters/a{i}") for i in range(12)]
+    r = reconciler(client)
+    assert r.reconcile(desired_for(*many)).in_sync
+    assert most[0] == sidecar.MAX_REQUESTS_IN_FLIGHT
+    assert sum(1 for c in mocked.calls if c.request.url == LOAD) == 12
+
+
+def test_unloads_finish_before_any_load_starts(client, mocked):
+    mocked.get(MODELS, json=models_body(*[(f"g{i}", "/g") for i in range(6)]))
+    plain_text(mocked, "POST", UNLOAD, 200, "Success")
+    plain_text(mocked, "POST", LOAD, 200, "Success")
+    drops = tuple(Adapter(f"g{i}", "/g") for i in range(6))
+    reconciler(client).reconcile(desired_for(*[Adapter(f"a{i}", "/s") for i in range(6)], drop=drops))
+    urls = [c.request.url for c in mocked.calls[1:]]
+    assert urls == [UNLOAD] * 6 + [LOAD] * 6
 
 
 def test_status_reports_each_adapter(client, mocked):
@@ -826,3 +864,46 @@ def test_text_log_line_carries_the_same_fields():
 def test_secrets_are_masked_in_any_log_line():
     assert "k-9" not in log_line(True, ["k-9"], error="header Bearer k-9 rejected")
     assert "k-9" not in log_line(False, ["k-9"], error="header Bearer k-9 rejected")
+
+
+# ------------------------------------------------------- environment, metrics
+
+
+def test_ca_bundle_and_proxies_come_from_the_environment_once(monkeypatch, tmp_path):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not really a CA")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.test:3128")
+    monkeypatch.setenv("NO_PROXY", "")
+    c = VLLMClient(requests.Session(), 2.0)
+    c.use_server("https://vllm.test:8443")
+    assert c.session.verify == str(bundle)
+    assert c.session.proxies["https"] == "http://proxy.test:3128"
+    assert c.session.trust_env is False
+
+
+def test_empty_file_after_a_good_one_is_reported(tmp_path):
+    folder = KubeletConfigDir(tmp_path / "config")
+    folder.write("vLLMLoRAConfig: {}")
+    source = ConfigSource(folder.path)
+    source.poll()
+    folder.write("")
+    assert not source.poll()
+    assert "the file is empty" in source.error and source.desired is not None
+
+
+def test_adapter_series_follow_the_records(client, mocked):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    mocked.get(MODELS, json=models_body(("a1", "/adapters/a1")))
+    r = reconciler(client)
+    registry = CollectorRegistry()
+    registry.register(sidecar.AdapterMetrics(r))
+    r.reconcile(desired_for(A1, Adapter("x", "/x", "big")))
+    text = generate_latest(registry).decode()
+    assert 'lora_sidecar_adapter_loaded{adapter="a1"} 1.0' in text
+    assert 'lora_syncer_adapter_status{adapter_name="a1"} 1.0' in text
+    assert 'lora_sidecar_adapter_state{adapter="x",state="skipped"} 1.0' in text
+    assert 'lora_sidecar_adapter_state{adapter="x",state="loaded"} 0.0' in text
+    r.reconcile(desired_for(A1))
+    assert 'adapter="x"' not in generate_latest(registry).decode()
