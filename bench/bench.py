@@ -1,0 +1,939 @@
+#!/usr/bin/env python3
+"""`make bench`: what the sidecar costs and how fast it acts, measured from outside (issue 5).
+
+sidecar.py runs as its own process against the vLLM-like test server (tests/fake_vllm.py, also
+its own process), so /proc/<pid>/stat and /proc/<pid>/status describe the sidecar alone. The
+config folder changes the way the kubelet changes a mounted ConfigMap (new timestamped folder,
+`..data_tmp` renamed over `..data`, old folder removed last). Timings come from the fake's
+request log, whose `t` is time.monotonic() - one clock for the whole machine, so the bench
+compares it with its own time.monotonic() at the `..data` rename or at Popen.
+
+    .venv/bin/python bench/bench.py              # the table; JSON in bench/results/latest.json
+    .venv/bin/python bench/bench.py --no-vllm    # skip the real-vLLM row (saves ~1 min)
+    .venv/bin/python bench/bench.py --profile    # py-spy profiles instead of the table
+    BENCH_SIDECAR=/tmp/variant/sidecar.py .venv/bin/python bench/bench.py   # measure another copy
+
+The table compares each figure with the floor of issue 5 (PASS/FAIL) and with the sidecar this
+project replaces. This is a benchmark, not a test: nothing here runs under pytest or in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+SIDECAR = Path(os.environ.get("BENCH_SIDECAR", REPO / "sidecar.py")).resolve()
+FAKE = REPO / "tests" / "fake_vllm.py"
+RESULTS = REPO / "bench" / "results"
+REFERENCE = REPO / "bench" / "reference.json"
+PYTHON = sys.executable
+CORES = os.cpu_count() or 1
+PY_VERSION = platform.python_version()
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+LOAD = "POST /v1/load_lora_adapter"
+MODELS_GET = "GET /v1/models"
+
+# The sidecar this project replaces, measured on the same kind of machine (issue 5).
+OLD = {
+    "reaction_median": "0.88",
+    "reaction_p90": "-",
+    "idle5_rps": "7.7 req/s",
+    "idle5_cpu": "28",
+    "idle5_rss": "40.6",
+    "idle1000_rps": "16 req/s (at 100)",
+    "idle1000_cpu": "99 (at 100)",
+    "idle1000_rss": "40.6",
+    "conv_seconds": "213 of 1000 in 180 s",
+    "conv_requests": "-",
+    "conv_duplicates": "-",
+    "conv_400": "-",
+    "cold_start": "-",
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(method: str, url: str, body: Any = None, timeout: float = 30.0) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read() or b"null")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil without floats drifting
+    return ordered[int(rank) - 1]
+
+
+def endpoint(entry: dict[str, Any]) -> str:
+    return f"{entry['method']} {entry['path']}"
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- the config, kubelet-style
+
+
+class KubeletConfigDir:
+    """A mounted ConfigMap folder (see /work/shared/configmap-facts.md and tests/kubelet.py),
+    whose write() returns the monotonic time of the atomic `..data` switch."""
+
+    def __init__(self, root: Path, key: str = "configmap.yaml") -> None:
+        self.root = root
+        self.key = key
+        self.versions = 0
+        root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.key
+
+    def write(self, text: str) -> float:
+        self.versions += 1
+        stamp = time.strftime("%Y_%m_%d_%H_%M_%S")
+        version = self.root / f"..{stamp}.{os.getpid()}{self.versions:06d}"
+        version.mkdir()
+        (version / self.key).write_text(text, encoding="utf-8")
+        data = self.root / "..data"
+        old = self.root / os.readlink(data) if os.path.islink(data) else None
+        os.symlink(version.name, self.root / "..data_tmp")
+        os.rename(self.root / "..data_tmp", data)
+        swapped = time.monotonic()
+        if not os.path.islink(self.path):
+            os.symlink(f"..data/{self.key}", self.path)
+        if old is not None:
+            shutil.rmtree(old)
+        return swapped
+
+
+def config_yaml(port: int, adapters: list[tuple[str, str]], base_model: str, host: str = "127.0.0.1") -> str:
+    lines = [
+        "vLLMLoRAConfig:",
+        "  name: bench",
+        f"  host: {host}",
+        f"  port: {port}",
+        f"  defaultBaseModel: {base_model}",
+        "  ensureExist:",
+        "    models:",
+    ]
+    for adapter_id, source in adapters:
+        lines += [f"    - id: {adapter_id}", f"      source: {source}"]
+    return "\n".join(lines) + "\n"
+
+
+def fake_adapters(count: int, prefix: str = "ad") -> list[tuple[str, str]]:
+    return [(f"{prefix}-{i:04d}", f"/adapters/{prefix}-{i:04d}") for i in range(count)]
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+class FakeServer:
+    """tests/fake_vllm.py as a process; the request log and state through its /_fake/ routes."""
+
+    def __init__(self, load_delay: float = 0.0) -> None:
+        self.load_delay = load_delay
+        cmd = [PYTHON, str(FAKE), "--port", "0", "--accept-any-path", "--load-delay", str(load_delay)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                     text=True, cwd=REPO)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().split()
+        if len(line) != 2 or line[0] != "LISTENING":
+            self.stop()
+            raise BenchError(f"tests/fake_vllm.py did not start (said {line!r})")
+        self.port = int(line[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def requests(self) -> list[dict[str, Any]]:
+        return http_json("GET", self.url + "/_fake/requests")
+
+    def reset(self) -> None:
+        http_json("POST", self.url + "/_fake/reset", {})
+
+    def adapters(self) -> dict[str, str]:
+        return http_json("GET", self.url + "/_fake/state")["adapters"]
+
+    def clear_adapters(self) -> None:
+        http_json("PUT", self.url + "/_fake/adapters", {})
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> FakeServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class CpuSample:
+    at: float
+    cpu_s: float
+
+
+def proc_cpu(pid: int) -> CpuSample:
+    """User + system CPU seconds of a whole process (all threads) from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15, in clock ticks
+    return CpuSample(time.monotonic(), (int(fields[11]) + int(fields[12])) / CLK_TCK)
+
+
+class Sidecar:
+    """sidecar.py as a process, with /proc readings of its CPU time and RSS."""
+
+    def __init__(self, config: Path, period: float, workdir: Path, name: str, *, log_format: str = "text") -> None:
+        self.metrics_port = free_port()
+        self.log_path = workdir / f"sidecar-{name}.log"
+        cmd = [PYTHON, str(SIDECAR), "--config", str(config), "--reconcile-trigger", str(period),
+               "--metrics-port", str(self.metrics_port), "--metrics-address", "127.0.0.1",
+               "--log-format", log_format]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_SIDECAR_") and k != "VLLM_API_KEY"}
+        with open(self.log_path, "wb") as log:
+            self.started_wall = time.time()
+            self.started = time.monotonic()
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=REPO, env=env)
+        self.pid = self.proc.pid
+        self.exit_code: int | None = None
+        self.stop_seconds: float | None = None
+
+    def cpu(self) -> CpuSample:
+        return proc_cpu(self.pid)
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        raise BenchError("no VmRSS line")
+
+    def thread_cpu(self) -> dict[int, float]:
+        """CPU seconds per thread id (from /proc/<pid>/task)."""
+        result = {}
+        for task in os.listdir(f"/proc/{self.pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{self.pid}/task/{task}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+                result[int(task)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return result
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            began = time.monotonic()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.stop_seconds = time.monotonic() - began
+        self.exit_code = self.proc.returncode
+
+    def __enter__(self) -> Sidecar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def idle_window(fake: FakeServer, sidecar: Sidecar, seconds: float, period: float) -> dict[str, Any]:
+    """Requests by endpoint, CPU and RSS of an in-sync sidecar over `seconds`."""
+    fake.reset()
+    before = sidecar.cpu()
+    time.sleep(seconds)
+    after = sidecar.cpu()
+    log = fake.requests()
+    window = after.at - before.at
+    counts = Counter(endpoint(e) for e in log)
+    gets = sorted(e["t"] for e in log if endpoint(e) == MODELS_GET)
+    gaps = [b - a for a, b in itertools.pairwise(gets)]
+    mean_gap = statistics.mean(gaps) if gaps else None
+    # One GET per cycle; a cycle starts on the first watch tick at or after the period, so the gap
+    # between GETs is the period plus at most one tick (0.1 s) and the cycle's own wobble.
+    regular = mean_gap is not None and 0.95 * period <= mean_gap <= period + 0.15
+    return {
+        "window_s": round(window, 3),
+        "requests": dict(counts),
+        "requests_per_s": {k: round(v / window, 3) for k, v in sorted(counts.items())},
+        "models_get_gap_s": {"mean": round(mean_gap, 4), "min": round(min(gaps), 4), "max": round(max(gaps), 4)}
+        if gaps else None,
+        "one_get_per_period": set(counts) <= {MODELS_GET} and regular,
+        "cpu_percent": round(100 * (after.cpu_s - before.cpu_s) / window, 2),
+        "cpu_seconds": round(after.cpu_s - before.cpu_s, 3),
+        "rss_mb": round(sidecar.rss_mb(), 1),
+        "non_200": sum(1 for e in log if e["status"] != 200),
+    }
+
+
+def loaded_names(log: list[dict[str, Any]]) -> Counter[str]:
+    return Counter(e["body"]["lora_name"] for e in log if endpoint(e) == LOAD and isinstance(e["body"], dict))
+
+
+# ---------------------------------------------------------------------------- scenarios
+
+
+def five_loaded(log: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    return log if len(loaded_names(log)) >= 5 else None
+
+
+def bench_cold_start(workdir: Path, reps: int, idle_seconds: float) -> dict[str, Any]:
+    """Popen to the 5th load request, `reps` times; the last run then measures the idle cost."""
+    conf = KubeletConfigDir(workdir / "cold")
+    with FakeServer() as fake:
+        conf.write(config_yaml(fake.port, fake_adapters(5), "base"))
+        times = []
+        idle: dict[str, Any] = {}
+        for rep in range(reps):
+            fake.clear_adapters()
+            fake.reset()
+            with Sidecar(conf.path, 1.0, workdir, f"cold-{rep}") as sidecar:
+                log = wait_for(lambda: five_loaded(fake.requests()), 30, "5 adapters loaded")
+                loads = [e for e in log if endpoint(e) == LOAD]
+                times.append(loads[4]["t"] - sidecar.started)
+                first_request = log[0]["t"] - sidecar.started
+                if rep == reps - 1:
+                    time.sleep(1.5)  # a couple of in-sync cycles first
+                    idle = idle_window(fake, sidecar, idle_seconds, 1.0)
+            idle_exit = sidecar.exit_code
+    return {
+        "seconds": round(statistics.median(times), 3),
+        "runs_s": [round(t, 3) for t in times],
+        "last_run_first_request_s": round(first_request, 3),
+        "idle5": idle,
+        "exit_code": idle_exit,
+        "stop_seconds": round(sidecar.stop_seconds or 0, 3),
+    }
+
+
+def bench_reaction(workdir: Path, swaps: int, base: int = 5, seed: int = 5) -> dict[str, Any]:
+    """Kubelet-style swaps, each adding one adapter to `base` others; seconds from the ..data rename
+    to the fake receiving that adapter's load request. Period 30 s: only change detection is fast."""
+    conf = KubeletConfigDir(workdir / f"reaction-{base}")
+    rng = random.Random(seed)
+    adapters = fake_adapters(base)
+    with FakeServer() as fake:
+        conf.write(config_yaml(fake.port, adapters, "base"))
+        with Sidecar(conf.path, 30.0, workdir, f"reaction-{base}") as sidecar:
+            wait_for(lambda: len(fake.adapters()) >= base, 60, f"{base} adapters loaded", interval=0.1)
+            time.sleep(0.3)
+            reactions = []
+            for i in range(swaps):
+                fake.reset()
+                new = (f"swap-{i:03d}", f"/adapters/swap-{i:03d}")
+                adapters.append(new)
+                swapped = conf.write(config_yaml(fake.port, adapters, "base"))
+
+                def arrived(name: str = new[0]) -> list[dict[str, Any]]:
+                    return [e for e in fake.requests() if endpoint(e) == LOAD and e["body"]["lora_name"] == name]
+
+                time.sleep(0.05)
+                load = wait_for(arrived, 10, f"the load of {new[0]}", interval=0.02)[0]
+                reactions.append(load["t"] - swapped)
+                time.sleep(rng.uniform(0.05, 0.35))  # spread the swaps over the watch tick's phase
+            all_log = fake.requests()
+    return {
+        "swaps": swaps,
+        "config_adapters": f"{base + 1}..{base + swaps}",
+        "median_s": round(statistics.median(reactions), 4),
+        "p90_s": round(percentile(reactions, 90), 4),
+        "min_s": round(min(reactions), 4),
+        "max_s": round(max(reactions), 4),
+        "all_s": [round(r, 4) for r in reactions],
+        "last_swap_requests": Counter(endpoint(e) for e in all_log),
+        "exit_code": sidecar.exit_code,
+    }
+
+
+def bench_convergence(workdir: Path, count: int, load_delay: float, idle_seconds: float) -> dict[str, Any]:
+    """`count` adapters from nothing, each load taking `load_delay` on the server; then the idle cost."""
+    conf = KubeletConfigDir(workdir / "converge")
+    with FakeServer(load_delay=load_delay) as fake:
+        conf.write(config_yaml(fake.port, fake_adapters(count), "base"))
+        fake_cpu_before = proc_cpu(fake.proc.pid)
+        with Sidecar(conf.path, 1.0, workdir, f"converge-{count}") as sidecar:
+            wait_for(lambda: len(fake.adapters()) >= count or not sidecar.alive(), 120,
+                     f"{count} adapters loaded", interval=0.25)
+            sidecar_cpu, fake_cpu = sidecar.cpu(), proc_cpu(fake.proc.pid)
+            if not sidecar.alive():
+                raise BenchError(f"the sidecar exited:\n{sidecar.log_tail()}")
+            log = fake.requests()
+            loads = [e for e in log if endpoint(e) == LOAD]
+            end = loads[-1]["t"] + load_delay  # the server answers the last load after its load time
+            during = [e for e in log if e["t"] <= end]
+            names = loaded_names(during)
+            time.sleep(1.5)
+            idle = idle_window(fake, sidecar, idle_seconds, 1.0)
+            rss_after = sidecar.rss_mb()
+            scrape = scrape_cost(sidecar)
+    return {
+        "adapters": count,
+        "load_delay_s": load_delay,
+        "seconds": round(end - sidecar.started, 3),
+        "seconds_from_first_request": round(end - during[0]["t"], 3),
+        "first_request_s": round(during[0]["t"] - sidecar.started, 3),
+        "server_bound_s": round(count * load_delay, 3),
+        "total_requests": len(during),
+        "requests": dict(Counter(endpoint(e) for e in during)),
+        "load_requests": len(loads),
+        "duplicate_loads": sum(n - 1 for n in names.values()),
+        "answers_400": sum(1 for e in log if e["status"] == 400),
+        "non_200": sum(1 for e in log if e["status"] != 200),
+        "sidecar_cpu_s": round(sidecar_cpu.cpu_s, 3),
+        "fake_cpu_s": round(fake_cpu.cpu_s - fake_cpu_before.cpu_s, 3),
+        "idle": idle,
+        "rss_mb_after_idle": round(rss_after, 1),
+        "metrics_scrape": scrape,
+        "exit_code": sidecar.exit_code,
+    }
+
+
+def scrape_cost(sidecar: Sidecar, scrapes: int = 5) -> dict[str, Any]:
+    """CPU the sidecar spends per GET /metrics (what a Prometheus scrape costs it)."""
+    url = f"http://127.0.0.1:{sidecar.metrics_port}/metrics"
+    before = sidecar.cpu()
+    size = 0
+    for _ in range(scrapes):
+        with urllib.request.urlopen(url, timeout=30) as response:
+            size = len(response.read())
+    after = sidecar.cpu()
+    return {"cpu_ms_per_scrape": round(1000 * (after.cpu_s - before.cpu_s) / scrapes, 1),
+            "wall_ms_per_scrape": round(1000 * (after.at - before.at) / scrapes, 1), "bytes": size,
+            "rss_mb_after": round(sidecar.rss_mb(), 1)}
+
+
+def vllm_unavailable() -> str | None:
+    vllm_python = Path(os.environ.get("VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+    models = Path(os.environ.get("E2E_MODELS", REPO / ".e2e" / "models"))
+    if not vllm_python.exists():
+        return f"no vLLM interpreter at {vllm_python} (make e2e-env)"
+    for needed in (models / "base" / "config.json", models / "adapters" / "a1" / "adapter_config.json"):
+        if not needed.exists():
+            return f"no {needed} (run {vllm_python} e2e/build_model.py)"
+    return None
+
+
+ACCESS_LINE = re.compile(r'"(GET|POST|PUT|DELETE) (/[^ ?"]*)[^"]*" (\d{3})')
+
+
+def bench_vllm(workdir: Path, count: int) -> dict[str, Any]:
+    """`count` names for one adapter folder against the real vLLM of the e2e suite."""
+    sys.path.insert(0, str(REPO))
+    from e2e.vllm_server import MODELS, VLLMServer  # standard library only
+
+    adapter = MODELS / "adapters" / "a1"
+    server = VLLMServer(MODELS / "base", log_path=workdir / "vllm.log")
+    began = time.monotonic()
+    server.start()
+    boot = time.monotonic() - began
+    try:
+        conf = KubeletConfigDir(workdir / "vllm")
+        adapters = [(f"bench-{i:03d}", str(adapter)) for i in range(count)]
+        conf.write(config_yaml(server.port, adapters, server.served_model_name))
+        log_offset = server.log_path.stat().st_size
+        with Sidecar(conf.path, 5.0, workdir, "vllm", log_format="json") as sidecar:
+
+            def done() -> list[dict[str, Any]]:
+                lines = [json.loads(x) for x in sidecar.log_path.read_text().splitlines() if x.startswith("{")]
+                loads = [x for x in lines if x.get("action") == "load" and x.get("result") == "success"]
+                return loads if len(loads) >= count else []
+
+            loads = wait_for(lambda: done() or not sidecar.alive(), 120, f"{count} loads on vLLM", interval=0.25)
+            if not isinstance(loads, list):
+                raise BenchError(f"the sidecar exited:\n{sidecar.log_tail()}")
+            stamps = sorted(datetime.strptime(x["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+                            for x in loads)
+            last = stamps[-1]
+            durations = [float(x.get("duration_s") or 0) for x in loads]
+            time.sleep(0.3)  # the last access line follows the answer
+            with open(server.log_path, "rb") as f:  # before our own GET below adds a line
+                f.seek(log_offset)
+                access = ACCESS_LINE.findall(f.read().decode(errors="replace"))
+            listed = [m for m in server.models().values() if m.get("parent")]
+    finally:
+        server.stop()
+    requests_by = Counter(f"{m} {p}" for m, p, _ in access)
+    load_requests = requests_by.get(LOAD, 0)
+    return {
+        "adapters": count,
+        "source": str(adapter),
+        "server_boot_s": round(boot, 1),
+        "seconds": round(last - sidecar.started_wall, 3),
+        "first_load_done_s": round(stamps[0] - sidecar.started_wall, 3),
+        "load_seconds_median": round(statistics.median(durations), 4),
+        "load_seconds_sum": round(sum(durations), 3),
+        "listed_adapters": len(listed),
+        "total_requests": len(access),
+        "requests": dict(requests_by),
+        "load_requests": load_requests,
+        "duplicate_loads": max(0, load_requests - count),
+        "answers_400": sum(1 for _, _, s in access if s == "400"),
+        "exit_code": sidecar.exit_code,
+    }
+
+
+# ------------------------------------------------------------------------------ the table
+
+
+@dataclass
+class Row:
+    key: str
+    metric: str
+    value: Any
+    unit: str
+    floor: str
+    passed: bool | None
+    old: str = "-"
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "metric": self.metric, "value": self.value, "unit": self.unit, "floor": self.floor,
+                "pass": self.passed, "old_sidecar": self.old, "detail": self.detail, "cores": CORES,
+                "python": PY_VERSION}
+
+
+def rps_text(idle: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.2f}/s" for k, v in idle["requests_per_s"].items()) or "none"
+
+
+def build_rows(results: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    r = results.get("reaction")
+    if r:
+        rows.append(Row("reaction_median", f"reaction to a ..data swap, median of {r['swaps']}", r["median_s"], "s",
+                        "<= 0.2", r["median_s"] <= 0.2, OLD["reaction_median"], f"min {r['min_s']}, max {r['max_s']}"))
+        rows.append(Row("reaction_p90", "reaction to a ..data swap, p90", r["p90_s"], "s", "<= 0.4",
+                        r["p90_s"] <= 0.4, OLD["reaction_p90"], "reconcile period 30 s"))
+    r = results.get("reaction_1000")
+    if r:
+        rows.append(Row("reaction_1000_median", f"reaction, {r['config_adapters']}-adapter config, median of "
+                        f"{r['swaps']}", r["median_s"], "s", "(info)", None, "-",
+                        f"p90 {r['p90_s']}; the floor's case is the small config above"))
+    for label, idle, key in (("5", (results.get("cold_start") or {}).get("idle5"), "idle5"),
+                             ("1000", (results.get("convergence") or {}).get("idle"), "idle1000")):
+        if not idle:
+            continue
+        rows.append(Row(f"{key}_rps", f"in sync, {label} adapters, 1 s period: requests", rps_text(idle), "",
+                        "1 GET /v1/models per period, nothing else", idle["one_get_per_period"], OLD[f"{key}_rps"],
+                        f"{idle['requests']} in {idle['window_s']} s; gap between GETs {idle['models_get_gap_s']}"))
+        rows.append(Row(f"{key}_cpu", f"in sync, {label} adapters: CPU of one core", idle["cpu_percent"], "%",
+                        "<= 2", idle["cpu_percent"] <= 2.0, OLD[f"{key}_cpu"],
+                        f"{idle['cpu_seconds']} s CPU in {idle['window_s']} s"))
+        rows.append(Row(f"{key}_rss", f"in sync, {label} adapters: RSS", idle["rss_mb"], "MB", "<= 40",
+                        idle["rss_mb"] <= 40.0, OLD[f"{key}_rss"], "VmRSS"))
+    c = results.get("convergence")
+    if c:
+        n = c["adapters"]
+        rows.append(Row("conv_seconds", f"converge {n} adapters, {c['load_delay_s'] * 1000:g} ms/load", c["seconds"],
+                        "s", "<= 5", c["seconds"] <= 5.0, OLD["conv_seconds"],
+                        f"from Popen; {c['seconds_from_first_request']} s from the first request; "
+                        f"server-bound {c['server_bound_s']} s; CPU s sidecar {c['sidecar_cpu_s']}, "
+                        f"fake {c['fake_cpu_s']}"))
+        rows.append(Row("conv_requests", f"converge {n}: total requests", c["total_requests"], "",
+                        f"{n} loads", c["load_requests"] == n, OLD["conv_requests"],
+                        ", ".join(f"{k} {v}" for k, v in sorted(c["requests"].items()))))
+        rows.append(Row("conv_duplicates", f"converge {n}: duplicate loads", c["duplicate_loads"], "", "0",
+                        c["duplicate_loads"] == 0, OLD["conv_duplicates"]))
+        rows.append(Row("conv_400", f"converge {n}: 400 answers", c["answers_400"], "", "0", c["answers_400"] == 0,
+                        OLD["conv_400"]))
+        m = c["metrics_scrape"]
+        rows.append(Row("metrics_scrape_cpu", f"GET /metrics at {n} adapters: CPU per scrape", m["cpu_ms_per_scrape"],
+                        "ms", "(info)", None, "-", f"{m['bytes']} bytes; RSS after {m['rss_mb_after']} MB"))
+    s = results.get("cold_start")
+    if s:
+        rows.append(Row("cold_start", "cold start to 5 adapters loaded, median", s["seconds"], "s", "<= 0.5",
+                        s["seconds"] <= 0.5, OLD["cold_start"],
+                        f"runs {s['runs_s']}; first request at {s['last_run_first_request_s']} s"))
+    v = results.get("vllm")
+    if v and "skipped" in v:
+        rows.append(Row("vllm_seconds", "real vLLM: converge 50 adapters", "skipped", "", "-", None, "-",
+                        v["skipped"]))
+    elif v:
+        n = v["adapters"]
+        rows.append(Row("vllm_seconds", f"real vLLM: converge {n} adapters", v["seconds"], "s", "-", None, "-",
+                        f"from Popen; vLLM lists {v['listed_adapters']}; load calls {v['load_seconds_sum']} s in all "
+                        f"(median {v['load_seconds_median']} s); server boot {v['server_boot_s']} s (not counted)"))
+        rows.append(Row("vllm_requests", f"real vLLM {n}: total requests", v["total_requests"], "", f"{n} loads",
+                        v["load_requests"] == n, "-",
+                        ", ".join(f"{k} {x}" for k, x in sorted(v["requests"].items()))))
+        rows.append(Row("vllm_duplicates", f"real vLLM {n}: duplicate loads", v["duplicate_loads"], "", "0",
+                        v["duplicate_loads"] == 0, "-"))
+        rows.append(Row("vllm_400", f"real vLLM {n}: 400 answers", v["answers_400"], "", "0",
+                        v["answers_400"] == 0, "-"))
+    return rows
+
+
+def load_reference() -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        return {row["key"]: row["value"] for row in json.loads(REFERENCE.read_text())["rows"]}
+    return {}
+
+
+def fmt(value: Any, unit: str = "s") -> str:
+    if isinstance(value, float):
+        digits = {"s": 3, "%": 2}.get(unit, 1)
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def render(rows: list[Row], reference: dict[str, Any]) -> str:
+    headers = ["metric", "value", "unit", "floor (issue 5)", "result", "old sidecar", "cores/python"]
+    if reference:
+        headers.append("reference run")
+    body = []
+    for row in rows:
+        verdict = "-" if row.passed is None else ("PASS" if row.passed else "FAIL")
+        cells = [row.metric, fmt(row.value, row.unit), row.unit, row.floor, verdict, row.old, f"{CORES}/{PY_VERSION}"]
+        if reference:
+            cells.append(fmt(reference.get(row.key, "-"), row.unit))
+        body.append(cells)
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+    line = "  ".join("-" * w for w in widths)
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), line]
+    out += ["  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) for cells in body]
+    return "\n".join(out)
+
+
+def machine() -> dict[str, Any]:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    return {
+        "cores": CORES,
+        "python": PY_VERSION,
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "loadavg": list(os.getloadavg()),
+        "git_head": commit.stdout.strip() or None,
+        "sidecar": str(SIDECAR),
+        "sidecar_sha256": hashlib.sha256(SIDECAR.read_bytes()).hexdigest()[:16],
+    }
+
+
+def _cpu_model() -> str | None:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def run_table(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    info = machine()
+    print(f"bench: {info['cores']} cores, Python {info['python']}, load average {info['loadavg'][0]:.2f}, "
+          f"{SIDECAR} sha256 {info['sidecar_sha256']} (git {info['git_head']})", flush=True)
+    results: dict[str, Any] = {}
+    steps: list[tuple[str, Callable[[Path], dict[str, Any]]]] = [
+        ("cold_start", lambda w: bench_cold_start(w, args.cold_reps, args.idle_seconds)),
+        ("reaction", lambda w: bench_reaction(w, args.swaps)),
+        ("reaction_1000", lambda w: bench_reaction(w, args.large_swaps, base=args.adapters)),
+        ("convergence", lambda w: bench_convergence(w, args.adapters, args.load_delay, args.idle_seconds)),
+    ]
+    if args.vllm:
+        reason = vllm_unavailable()
+        if reason:
+            print(f"bench: real-vLLM row skipped: {reason}", flush=True)
+            results["vllm"] = {"skipped": reason}
+        else:
+            steps.append(("vllm", lambda w: bench_vllm(w, args.vllm_adapters)))
+    else:
+        results["vllm"] = {"skipped": "--no-vllm"}
+    if args.only:
+        wanted = set(args.only.split(","))
+        steps = [(name, step) for name, step in steps if name in wanted]
+    with tempfile.TemporaryDirectory(prefix="lora-bench-") as tmp:
+        for name, step in steps:
+            began = time.monotonic()
+            print(f"bench: {name} ...", end=" ", flush=True)
+            results[name] = step(Path(tmp))
+            print(f"{time.monotonic() - began:.1f} s", flush=True)
+    info["loadavg_end"] = list(os.getloadavg())
+    rows = build_rows(results)
+    reference = load_reference()
+    table = render(rows, reference)
+    print()
+    print(f"{CORES} cores, Python {PY_VERSION}; every figure below was measured on this machine")
+    print(table)
+    failed = [row.metric for row in rows if row.passed is False]
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} rows pass their floor; total {time.monotonic() - started:.0f} s")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    document = {
+        "when": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": info,
+        "duration_s": round(time.monotonic() - started, 1),
+        "rows": [row.to_json() for row in rows],
+        "table": table.splitlines(),
+        "runs": results,
+    }
+    out = RESULTS / "latest.json"
+    out.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    print(f"written to {out.relative_to(REPO)}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ profiling
+
+
+def find_py_spy() -> str | None:
+    for candidate in (os.environ.get("PY_SPY"), shutil.which("py-spy"), str(Path(PYTHON).with_name("py-spy"))):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+@contextlib.contextmanager
+def py_spy(pid: int, out: Path, rate: int) -> Iterator[None]:
+    """py-spy record (active samples only, per function, per thread) until the block ends."""
+    exe = find_py_spy()
+    assert exe
+    cmd = [exe, "record", "--pid", str(pid), "--output", str(out), "--format", "raw", "--rate", str(rate),
+           "--function", "--threads"]
+    spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        _, err = spy.communicate(timeout=30)
+        if not out.exists():
+            raise BenchError(f"py-spy wrote nothing: {err.strip()}")
+
+
+def summarize_profile(path: Path, top: int = 18) -> str:
+    """Self and inclusive shares per function, and per thread, of py-spy's raw (collapsed) output."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    threads: Counter[int] = Counter()
+    names: dict[int, str] = {}
+    imports = total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        thread = re.match(r"thread \((\d+)\)(?:: (.*))?", frames[0])
+        tid = int(thread.group(1)) if thread else 0
+        if thread and thread.group(2):
+            names[tid] = thread.group(2)
+        threads[tid] += count
+        calls = [re.sub(r" \((.*/)?([^/]+:\d+)\)$", r" (\2)", f) for f in frames[1:]]
+        if len(calls) > 1 and calls[0].startswith("<module> (sidecar.py") and calls[1].startswith("_find_and_load"):
+            imports += count
+        if calls:
+            own[calls[-1]] += count
+        for call in set(calls):
+            inclusive[call] += count
+    if not total:
+        return f"{path.name}: no active samples"
+    lines = [f"{path.name}: {total} active samples; sidecar.py's top-level imports {100 * imports / total:.0f}%"]
+    lines.append("  by thread: " + ", ".join(f"{names.get(t, t)} {100 * n / total:.0f}%"
+                                          for t, n in threads.most_common()))
+    lines.append("  self time:")
+    lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in own.most_common(top)]
+    lines.append("  inclusive time:")
+    lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in inclusive.most_common(top)]
+    return "\n".join(lines)
+
+
+def thread_cpu_text(sidecar: Sidecar, seconds: float) -> str:
+    """CPU per thread over `seconds` from /proc/<pid>/task, no profiler attached."""
+    before, began = sidecar.thread_cpu(), time.monotonic()
+    time.sleep(seconds)
+    after, window = sidecar.thread_cpu(), time.monotonic() - began
+    names = _thread_names(sidecar.pid)
+    parts = [f"{names.get(tid, tid)} {100 * (after[tid] - before.get(tid, 0)) / window:.2f}%" for tid in sorted(after)]
+    total = sum(after.values()) - sum(before.get(t, 0) for t in after)
+    return f"{100 * total / window:.2f}% of a core in {window:.0f} s: " + ", ".join(parts)
+
+
+def _thread_names(pid: int) -> dict[int, str]:
+    """Thread id -> Python thread name, from `py-spy dump`."""
+    exe = find_py_spy()
+    assert exe
+    dump = subprocess.run([exe, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30).stdout
+    names = {}
+    for match in re.finditer(r'Thread (0x[0-9A-Fa-f]+|\d+) \((\w+)\): "([^"]+)"', dump):
+        with contextlib.suppress(ValueError):
+            names[int(match.group(1), 16) if match.group(1).startswith("0x") else int(match.group(1))] = match.group(3)
+    return names
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    if not find_py_spy():
+        print("bench --profile needs py-spy: pip install py-spy (any venv), or set PY_SPY=/path/to/py-spy",
+              file=sys.stderr)
+        return 2
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    count = args.adapters
+    summaries = []
+    with tempfile.TemporaryDirectory(prefix="lora-bench-") as tmp:
+        workdir = Path(tmp)
+        conf = KubeletConfigDir(workdir / "profile")
+        with FakeServer(load_delay=args.load_delay) as fake:
+            conf.write(config_yaml(fake.port, fake_adapters(count), "base"))
+            with Sidecar(conf.path, 1.0, workdir, "profile") as sidecar:
+                converge = RESULTS / f"profile-converge-{count}.txt"
+                with py_spy(sidecar.pid, converge, args.rate):
+                    wait_for(lambda: len(fake.adapters()) >= count, 120, f"{count} adapters", interval=0.1)
+                summaries.append(f"== py-spy: converge {count} adapters, {args.load_delay * 1000:g} ms/load "
+                                 f"(from Popen, imports included)\n" + summarize_profile(converge))
+                time.sleep(1.5)
+                summaries.append(f"== /proc: CPU by thread, in sync, {count} adapters, 1 s period, no profiler: "
+                                 + thread_cpu_text(sidecar, args.idle_seconds))
+                idle = RESULTS / f"profile-idle-{count}.txt"
+                with py_spy(sidecar.pid, idle, args.rate):
+                    time.sleep(args.profile_idle_seconds)
+                summaries.append(f"== py-spy: in sync, {count} adapters, 1 s period, "
+                                 f"{args.profile_idle_seconds:g} s\n" + summarize_profile(idle))
+        summaries.append(cprofile_in_process(workdir, count))
+    text = "\n\n".join(summaries)
+    print(text)
+    (RESULTS / "profile-summary.txt").write_text(text + "\n")
+    print(f"\nraw profiles (flamegraph.pl / speedscope input) and the summary are in {RESULTS.relative_to(REPO)}/")
+    return 0
+
+
+def cprofile_in_process(workdir: Path, count: int, cycles: int = 30) -> str:
+    """Deterministic counts: the sidecar's own functions driven in this process under cProfile
+    (`python -m cProfile sidecar.py` would see only the main thread, which just waits)."""
+    import cProfile
+    import io
+    import pstats
+
+    import requests
+
+    sys.path.insert(0, str(SIDECAR.parent))
+    import sidecar as sc
+
+    out = []
+    conf = KubeletConfigDir(workdir / "cprofile")
+    with FakeServer() as fake:
+        conf.write(config_yaml(fake.port, fake_adapters(count), "base"))
+        config = sc.ConfigSource(conf.path)
+        config.poll(force=True)
+        desired = config.desired
+        assert desired is not None
+        client = sc.VLLMClient(requests.Session(), 10.0)
+        reconciler = sc.Reconciler(client, 1.0, 300.0)
+        sc.log.setLevel("WARNING")  # logging is measured by the process runs; here only the code paths
+
+        def profiled(title: str, work: Callable[[], None], calls: int, unit: str) -> None:
+            profile = cProfile.Profile()
+            began = time.perf_counter()
+            profile.runcall(work)
+            elapsed = time.perf_counter() - began
+            stream = io.StringIO()
+            stats = pstats.Stats(profile, stream=stream).strip_dirs().sort_stats("tottime")
+            stats.print_stats(16)
+            table = "\n".join(x for x in stream.getvalue().splitlines() if x.strip())
+            out.append(f"== cProfile: {title}: {1000 * elapsed / calls:.3f} ms per {unit} under the profiler "
+                       f"({elapsed:.2f} s in all)\n{table}")
+
+        profiled(f"first cycle, {count} loads (no server delay)", lambda: reconciler.reconcile(desired), count, "load")
+
+        def idle_cycles() -> None:
+            for _ in range(cycles):
+                config.poll(force=True)  # what run_loop does when a period is due
+                reconciler.reconcile(desired)
+
+        profiled(f"{cycles} in-sync cycles of {count} adapters", idle_cycles, cycles, "cycle")
+
+        def ticks() -> None:
+            for _ in range(1000):
+                config.poll()
+
+        profiled("1000 watch ticks (stat only)", ticks, 1000, "tick")
+    return "\n\n".join(out)
+
+
+# --------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark sidecar.py against the vLLM-like test server.")
+    parser.add_argument("--swaps", type=int, default=25, help="config swaps for the reaction time (>= 20)")
+    parser.add_argument("--adapters", type=int, default=1000, help="adapters for convergence and idle cost")
+    parser.add_argument("--load-delay", type=float, default=0.002, help="seconds each load takes on the fake")
+    parser.add_argument("--idle-seconds", type=float, default=10.0, help="length of each in-sync window")
+    parser.add_argument("--large-swaps", type=int, default=10, help="swaps of the large-config reaction row")
+    parser.add_argument("--cold-reps", type=int, default=5, help="cold starts to take the median of")
+    parser.add_argument("--vllm-adapters", type=int, default=50, help="adapters for the real-vLLM row")
+    parser.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip the real-vLLM row")
+    parser.add_argument("--only", help="comma-separated steps: cold_start,reaction,reaction_1000,convergence,vllm")
+    parser.add_argument("--profile", action="store_true", help="py-spy profiles of convergence and idle instead")
+    parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second (--profile)")
+    parser.add_argument("--profile-idle-seconds", type=float, default=20.0, help="idle window under py-spy")
+    args = parser.parse_args(argv)
+    if not sys.platform.startswith("linux"):
+        print("bench: needs Linux (/proc)", file=sys.stderr)
+        return 2
+    try:
+        return run_profile(args) if args.profile else run_table(args)
+    except BenchError as e:
+        print(f"\nbench: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
