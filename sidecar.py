@@ -64,6 +64,7 @@ log = logging.getLogger("lora-sidecar")
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # The metric inventory: everything the sidecar reports, in one place.
+prom.disable_created_metrics()  # *_created series only add noise to every counter and histogram
 # Per-adapter series are built from the reconciler's records at scrape time (AdapterMetrics),
 # so they cost nothing per cycle and leave with the adapter when it leaves the config.
 ADAPTER_STATES = ("loaded", "pending", "failed", "absent", "skipped")

@@ -6,6 +6,9 @@
 - `vllm`: one server for the session (API key, free loopback port); most tests share it
   and use their own adapter names, so they do not see each other's adapters.
 - `vllm_factory`: servers of a test's own (restart, freeze), stopped at the end.
+
+The sidecar side (kubelet-style config folder, the sidecar process) is the process tests' own
+tests/kubelet.py and tests/sidecar_process.py: tests/ goes on sys.path here.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +30,9 @@ from e2e.vllm_server import (
 )
 
 E2E_DIR = Path(__file__).resolve().parent
+TESTS = str(REPO / "tests")
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
 CI = os.environ.get("CI", "").lower() == "true"
 E2E_OFF = os.environ.get("E2E", "").strip().lower() in ("0", "false", "no", "off")
 SKIP_NOTICE = "E2E=0: real-vLLM end-to-end tests skipped (unset E2E to run them)"

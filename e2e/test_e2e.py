@@ -11,28 +11,26 @@ text the same adapter folder gives (`refs`), not just by /v1/models.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
 from pathlib import Path
 
 import pytest
-import yaml
+from kubelet import KubeletConfigDir
+from sidecar_process import Sidecar, configmap_manifest, lora_config, run_sidecar, wait_until
 
 from e2e.conftest import failed, note_timing
-from e2e.harness import (
-    KubeletConfig,
-    Sidecar,
-    lora_config,
-    metric_sum,
-    run_sidecar,
-    wait_for,
-)
-from e2e.vllm_server import VLLMServer, free_port
+from e2e.vllm_server import SERVED_MODEL_NAME, VLLMServer, free_port
 
 PERIOD = 1.0  # --reconcile-trigger for most tests
 CONVERGE = 30.0  # generous deadline for "the sidecar got there"; typical is well under 2 s
 SERVER_DOWN = re.compile(r"server (is )?(down|unreachable|not healthy)|no answer within", re.I)
+# the sidecar's flags here: --reconcile-trigger is per test; the rest are its defaults (--request-timeout 10 ...)
+SIDECAR_FLAGS = ("--health-check-interval", "0.5", "--metrics-address", "127.0.0.1")
+# every config names the served model as the default base model unless a test says otherwise
+config = functools.partial(lora_config, name="e2e", defaultBaseModel=SERVED_MODEL_NAME)
 
 
 # ---- fixtures ---------------------------------------------------------------------------
@@ -58,26 +56,28 @@ def refs(vllm: VLLMServer, adapters: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def kube(tmp_path) -> KubeletConfig:
-    return KubeletConfig(tmp_path / "config")
+def kube(tmp_path) -> KubeletConfigDir:
+    return KubeletConfigDir(tmp_path / "config")
 
 
 @pytest.fixture
-def sidecars(tmp_path, request):
-    """sidecars(config_path, **Sidecar kwargs) -> a started sidecar; all stopped at the end."""
+def sidecars(request):
+    """sidecars(config_path, period=, api_key=, args=) -> a sidecar serving /healthz; all stopped at the end."""
     started: list[Sidecar] = []
 
-    def start(config: Path, **kwargs) -> Sidecar:
-        sc = Sidecar(config, tmp_path, **kwargs)
+    def start(config_path: Path, *, period: float = PERIOD, api_key: str | None = None, args=()) -> Sidecar:
+        sc = Sidecar(["--config", config_path, "--reconcile-trigger", period, *SIDECAR_FLAGS, *args],
+                     {"VLLM_API_KEY": api_key} if api_key else None, fast=False)
         started.append(sc)
-        return sc.start()
+        sc.start().wait_serving(15)
+        return sc
 
     yield start
     for sc in started:
-        sc.stop()
+        sc.close()
     if failed(request):
         for sc in started:
-            print(sc.log_tail(120))
+            print(sc.diagnose())
 
 
 # ---- helpers ----------------------------------------------------------------------------
@@ -92,9 +92,9 @@ def wait_roots(server: VLLMServer, want: dict[str, Path | None], sc: Sidecar | N
     """Wait until each id is listed with that source (None: not listed). Returns seconds taken."""
     t0 = time.monotonic()
     expected = {i: str(p) for i, p in want.items() if p is not None}
-    wait_for(lambda: roots(server, *want) == expected, timeout,
-             f"the server to list {expected} and not {[i for i, p in want.items() if p is None]}",
-             diagnostics=sc.log_tail if sc else None)
+    what = f"the server to list {expected} and not {[i for i, p in want.items() if p is None]}"
+    wait_until(lambda: roots(server, *want) == expected, timeout, 0.1,
+               message=lambda: f"{what}\n{sc.diagnose()}" if sc else what)
     return time.monotonic() - t0
 
 
@@ -122,11 +122,9 @@ def plan_lines(stdout: str) -> dict[str, set[str]]:
 def test_converges_and_each_adapter_serves_its_own_text(vllm, refs, adapters, kube, sidecars):
     want = {"conv-a1": adapters / "a1", "conv-a2": adapters / "a2"}
     # this one as a whole ConfigMap manifest (the sidecar accepts both forms)
-    inner = yaml.safe_dump(lora_config(vllm.port, exist=want.items()), sort_keys=False)
-    kube.write({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "e2e-loras"},
-                "data": {"configmap.yaml": inner}})
+    kube.write(configmap_manifest(config(vllm.port, want), name="e2e-loras"))
     t0 = time.monotonic()
-    sc = sidecars(kube.path, api_key=vllm.api_key, period=PERIOD)
+    sc = sidecars(kube.path, api_key=vllm.api_key)
     wait_roots(vllm, want, sc)
     note_timing(f"sidecar start to 2 adapters loaded: {time.monotonic() - t0:.2f} s")
 
@@ -134,31 +132,30 @@ def test_converges_and_each_adapter_serves_its_own_text(vllm, refs, adapters, ku
     assert a1 == refs["a1"] and a2 == refs["a2"]
     assert len({a1, a2, refs["base"]}) == 3, "each adapter must answer with its own text"
 
-    wait_for(lambda: sc.get("/readyz")[0] == 200, 10, "/readyz 200", diagnostics=sc.log_tail)
-    wait_for(lambda: sc.status()["in_sync"], 10, "/status in_sync", diagnostics=sc.log_tail)
+    sc.wait_ready(10)
+    sc.wait_for(lambda: sc.status()["in_sync"], 10, "/status in_sync")
     status = sc.status()
     assert {i: status["adapters"][i]["state"] for i in want} == {i: "loaded" for i in want}
     metrics = sc.metrics()
-    assert metric_sum(metrics, "lora_sidecar_adapter_loaded", adapter="conv-a1") == 1
-    assert metric_sum(metrics, "lora_sidecar_adapter_loaded", adapter="conv-a2") == 1
+    assert metrics.value("lora_sidecar_adapter_loaded", adapter="conv-a1") == 1
+    assert metrics.value("lora_sidecar_adapter_loaded", adapter="conv-a2") == 1
 
     # SIGTERM: exit 0 promptly, nothing unloaded on shutdown
-    t_stop = time.monotonic()
-    assert sc.stop() == 0
-    assert time.monotonic() - t_stop < 2.0
+    code, seconds = sc.stop()
+    assert code == 0
+    assert seconds < 2.0
     assert set(roots(vllm, *want)) == set(want)
 
 
 # ---- 2. kubelet-style update ------------------------------------------------------------
 def test_kubelet_update_unloads_and_loads(vllm, refs, adapters, kube, sidecars):
-    kube.write(lora_config(vllm.port, exist=[("upd-a1", adapters / "a1"), ("upd-a2", adapters / "a2")]))
-    sc = sidecars(kube.path, api_key=vllm.api_key, period=PERIOD)
+    kube.write(config(vllm.port, {"upd-a1": adapters / "a1", "upd-a2": adapters / "a2"}))
+    sc = sidecars(kube.path, api_key=vllm.api_key)
     wait_roots(vllm, {"upd-a1": adapters / "a1", "upd-a2": adapters / "a2"}, sc)
     assert text_of(vllm, "upd-a2") == refs["a2"]
 
-    kube.write(lora_config(vllm.port,
-                           exist=[("upd-a1", adapters / "a1"), ("upd-a3", adapters / "a3")],
-                           not_exist=[("upd-a2", adapters / "a2")]))
+    kube.write(config(vllm.port, {"upd-a1": adapters / "a1", "upd-a3": adapters / "a3"},
+                      {"upd-a2": adapters / "a2"}))
     took = wait_roots(vllm, {"upd-a1": adapters / "a1", "upd-a2": None, "upd-a3": adapters / "a3"}, sc)
     note_timing(f"kubelet-style update to server changed: {took:.2f} s (period {PERIOD:g} s)")
     assert took < PERIOD + 3, "a config change should be acted on within about one period"
@@ -167,53 +164,53 @@ def test_kubelet_update_unloads_and_loads(vllm, refs, adapters, kube, sidecars):
     assert status == 404, body
     assert text_of(vllm, "upd-a3") == refs["a3"]
     assert text_of(vllm, "upd-a1") == refs["a1"]  # untouched
-    wait_for(lambda: sc.adapter_status("upd-a2").get("state") == "absent", 10,
-             "/status upd-a2 absent", diagnostics=sc.log_tail)
+    sc.wait_for(lambda: sc.status()["adapters"]["upd-a2"]["state"] == "absent", 10,
+                "/status upd-a2 absent")
 
     # `toRemove: true` on an ensureExist entry removes it too
-    kube.write(lora_config(vllm.port,
-                           exist=[{"id": "upd-a1", "source": str(adapters / "a1"), "toRemove": True},
-                                  ("upd-a3", adapters / "a3")],
-                           not_exist=[("upd-a2", adapters / "a2")]))
+    kube.write(config(vllm.port,
+                      [{"id": "upd-a1", "source": str(adapters / "a1"), "toRemove": True},
+                       {"id": "upd-a3", "source": str(adapters / "a3")}],
+                      {"upd-a2": adapters / "a2"}))
     wait_roots(vllm, {"upd-a1": None, "upd-a2": None, "upd-a3": adapters / "a3"}, sc)
 
 
 # ---- 3. a new version of an adapter -----------------------------------------------------
 def test_new_source_reloads_once(vllm, refs, adapters, kube, sidecars):
-    kube.write(lora_config(vllm.port, exist=[("nv-a1", adapters / "a1")]))
-    sc = sidecars(kube.path, api_key=vllm.api_key, period=PERIOD)
+    kube.write(config(vllm.port, {"nv-a1": adapters / "a1"}))
+    sc = sidecars(kube.path, api_key=vllm.api_key)
     wait_roots(vllm, {"nv-a1": adapters / "a1"}, sc)
     assert text_of(vllm, "nv-a1") == refs["a1"]
 
-    kube.write(lora_config(vllm.port, exist=[("nv-a1", adapters / "a1v2")]))
+    kube.write(config(vllm.port, {"nv-a1": adapters / "a1v2"}))
     wait_roots(vllm, {"nv-a1": adapters / "a1v2"}, sc)
     assert text_of(vllm, "nv-a1") == refs["a1v2"], "the new weights must serve, in place"
 
-    wait_for(lambda: sc.status()["in_sync"], 10, "in sync after the reload", diagnostics=sc.log_tail)
-    ops_before = metric_sum(sc.metrics(), "lora_sidecar_operations_total")
+    sc.wait_for(lambda: sc.status()["in_sync"], 10, "in sync after the reload")
+    ops_before = sc.metrics().total("lora_sidecar_operations_total")
     loads_before = server_log_count(vllm, "/v1/load_lora_adapter")
-    cycles_before = metric_sum(sc.metrics(), "lora_sidecar_reconcile_total")
+    cycles_before = sc.metrics().total("lora_sidecar_reconcile_total")
     # at least 3 more reconcile cycles (> 2 periods) with nothing to do
-    wait_for(lambda: metric_sum(sc.metrics(), "lora_sidecar_reconcile_total") >= cycles_before + 3,
-             5 * PERIOD + 5, "3 more reconcile cycles", diagnostics=sc.log_tail)
-    assert metric_sum(sc.metrics(), "lora_sidecar_operations_total") == ops_before
+    sc.wait_for(lambda: sc.metrics().total("lora_sidecar_reconcile_total") >= cycles_before + 3,
+                5 * PERIOD + 5, "3 more reconcile cycles")
+    assert sc.metrics().total("lora_sidecar_operations_total") == ops_before
     assert server_log_count(vllm, "/v1/load_lora_adapter") == loads_before, "no further load may be sent"
-    assert metric_sum(sc.metrics(), "lora_sidecar_operations_total", op="reload", result="success") == 1
+    assert sc.metrics().total("lora_sidecar_operations_total", op="reload", result="success") == 1
 
 
 def test_broken_new_version_keeps_the_old_one_serving(vllm, refs, adapters, kube, sidecars, tmp_path):
-    kube.write(lora_config(vllm.port, exist=[("bv-a1", adapters / "a1")]))
-    sc = sidecars(kube.path, api_key=vllm.api_key, period=PERIOD)
+    kube.write(config(vllm.port, {"bv-a1": adapters / "a1"}))
+    sc = sidecars(kube.path, api_key=vllm.api_key)
     wait_roots(vllm, {"bv-a1": adapters / "a1"}, sc)
     # new versions the server refuses: rank too big (500), then a folder that is not there (404)
     for bad in (adapters / "big16", tmp_path / "gone"):
-        kube.write(lora_config(vllm.port, exist=[("bv-a1", bad)]))
-        wait_for(lambda: sc.adapter_status("bv-a1").get("state") == "failed", 10,
-                 f"the reload to {bad.name} reported failed", diagnostics=sc.log_tail)
+        kube.write(config(vllm.port, {"bv-a1": bad}))
+        sc.wait_for(lambda: sc.status()["adapters"]["bv-a1"]["state"] == "failed", 10,
+                    f"the reload to {bad.name} reported failed")
         assert roots(vllm, "bv-a1") == {"bv-a1": str(adapters / "a1")}
         assert text_of(vllm, "bv-a1") == refs["a1"], "the old version must keep serving"
     # a good version again: it converges (the backoff of the broken one does not carry over)
-    kube.write(lora_config(vllm.port, exist=[("bv-a1", adapters / "a2")]))
+    kube.write(config(vllm.port, {"bv-a1": adapters / "a2"}))
     wait_roots(vllm, {"bv-a1": adapters / "a2"}, sc, timeout=PERIOD + 3)
     assert text_of(vllm, "bv-a1") == refs["a2"]
 
@@ -225,47 +222,46 @@ def test_bad_adapters_do_not_block_good_ones(vllm, refs, adapters, kube, sidecar
     bad = {"bad-big16": adapters / "big16", "bad-missing": missing,
            "bad-notadapter": adapters / "not-an-adapter"}
     # bad ones first: they must not stop the good ones behind them
-    kube.write(lora_config(vllm.port, exist=[*bad.items(), *good.items()]))
-    sc = sidecars(kube.path, api_key=vllm.api_key, period=PERIOD)
+    kube.write(config(vllm.port, {**bad, **good}))
+    sc = sidecars(kube.path, api_key=vllm.api_key)
     wait_roots(vllm, {**good, **dict.fromkeys(bad)}, sc)
     for name, path in good.items():
         assert text_of(vllm, name) == refs[path.name]
 
-    wait_for(lambda: all(sc.adapter_status(i).get("state") == "failed" for i in bad), 10,
-             "the bad adapters reported failed", diagnostics=sc.log_tail)
-    errors = {i: sc.adapter_status(i)["last_error"] or "" for i in bad}
+    sc.wait_for(lambda: all(sc.status()["adapters"][i]["state"] == "failed" for i in bad), 10,
+                "the bad adapters reported failed")
+    errors = {i: sc.status()["adapters"][i]["last_error"] or "" for i in bad}
     # the server's own reason, in /status and in the log
     assert "max_lora_rank" in errors["bad-big16"], errors
     assert "No adapter found" in errors["bad-missing"], errors
     assert "No adapter found" in errors["bad-notadapter"], errors
-    log = sc.log()
+    log = sc.log_text()
     assert "max_lora_rank" in log and "No adapter found" in log
     for i in bad:
         assert i in log
-    assert sc.alive()
-    assert sc.get("/healthz")[0] == 200
-    assert sc.get("/readyz")[0] == 200, "permanent failures must not hold readiness back"
+    assert sc.running
+    assert sc.healthz() == 200
+    assert sc.readyz() == 200, "permanent failures must not hold readiness back"
     metrics = sc.metrics()
-    assert metric_sum(metrics, "lora_sidecar_adapter_state", adapter="bad-big16", state="failed") == 1
-    assert metric_sum(metrics, "lora_sidecar_operations_total", op="load", result="error") >= 3
+    assert metrics.state_of("bad-big16") == "failed"
+    assert metrics.total("lora_sidecar_operations_total", op="load", result="error") >= 3
 
 
 # ---- 5. vLLM restarts ---------------------------------------------------------------------
 def test_reloads_everything_after_vllm_restart(own_vllm, refs, adapters, kube, sidecars, tmp_path):
     period = 2.0
     want = {"rs-a1": adapters / "a1", "rs-a2": adapters / "a2"}
-    kube.write(lora_config(own_vllm.port, exist=want.items()))
+    kube.write(config(own_vllm.port, want))
     sc = sidecars(kube.path, api_key=own_vllm.api_key, period=period)
     wait_roots(own_vllm, want, sc)
 
     own_vllm.stop()
     # a second sidecar that starts while nothing listens (a pod whose sidecar wins the race)
-    kube2 = KubeletConfig(tmp_path / "config2")
-    kube2.write(lora_config(own_vllm.port, exist=[("rs-late", adapters / "a3")]))
+    kube2 = KubeletConfigDir(tmp_path / "config2")
+    kube2.write(config(own_vllm.port, {"rs-late": adapters / "a3"}))
     late = sidecars(kube2.path, api_key=own_vllm.api_key, period=period)
-    wait_for(lambda: SERVER_DOWN.search(sc.log()), 10, "the first sidecar to see the server gone",
-             diagnostics=sc.log_tail)
-    assert late.get("/healthz")[0] == 200 and late.get("/readyz")[0] == 503
+    sc.wait_for_log(SERVER_DOWN.search, 10)  # the first sidecar sees the server gone
+    assert late.healthz() == 200 and late.readyz() == 503
     assert late.status()["server"]["up"] is False
 
     own_vllm.start()
@@ -273,72 +269,70 @@ def test_reloads_everything_after_vllm_restart(own_vllm, refs, adapters, kube, s
     note_timing(f"vLLM restart (same port) healthy after {own_vllm.start_seconds:.1f} s")
     margin = 0.5 + 2.0  # health-check interval + slack
     all_want = {**want, "rs-late": adapters / "a3"}
-    wait_for(lambda: roots(own_vllm, *all_want) == {i: str(p) for i, p in all_want.items()},
-             period + margin, f"every adapter back within one period ({period:g} s) + {margin:g} s",
-             interval=0.05, diagnostics=lambda: sc.log_tail() + "\n" + late.log_tail())
+    what = f"every adapter back within one period ({period:g} s) + {margin:g} s"
+    wait_until(lambda: roots(own_vllm, *all_want) == {i: str(p) for i, p in all_want.items()},
+               period + margin, 0.05, message=lambda: f"{what}\n{sc.diagnose()}\n{late.diagnose()}")
     note_timing(f"adapters reloaded {time.monotonic() - up:.2f} s after vLLM came back")
     assert text_of(own_vllm, "rs-a1") == refs["a1"]
     assert text_of(own_vllm, "rs-a2") == refs["a2"]
     assert text_of(own_vllm, "rs-late") == refs["a3"]
-    assert sc.alive() and late.alive()
-    wait_for(lambda: late.get("/readyz")[0] == 200, 10, "the late sidecar ready")
+    assert sc.running and late.running
+    late.wait_ready(10)
 
 
 # ---- 6. vLLM freezes ------------------------------------------------------------------------
 def test_survives_a_frozen_vllm(own_vllm, refs, adapters, kube, sidecars):
     timeout, freeze_for = 2.0, 5.0
-    kube.write(lora_config(own_vllm.port, exist=[("fz-a1", adapters / "a1")]))
-    sc = sidecars(kube.path, api_key=own_vllm.api_key, period=PERIOD,
-                  args=["--request-timeout", str(timeout)])
+    kube.write(config(own_vllm.port, {"fz-a1": adapters / "a1"}))
+    sc = sidecars(kube.path, api_key=own_vllm.api_key, args=["--request-timeout", timeout])
     wait_roots(own_vllm, {"fz-a1": adapters / "a1"}, sc)
 
     own_vllm.freeze()
     frozen_at = time.monotonic()
     try:
         # a new adapter while the server answers nothing
-        kube.write(lora_config(own_vllm.port, exist=[("fz-a1", adapters / "a1"), ("fz-a2", adapters / "a2")]))
-        wait_for(lambda: SERVER_DOWN.search(sc.log()), freeze_for - 0.5,
-                 "the sidecar to say the server is down", diagnostics=sc.log_tail)
-        assert sc.alive()
-        assert sc.get("/healthz")[0] == 200
+        kube.write(config(own_vllm.port, {"fz-a1": adapters / "a1", "fz-a2": adapters / "a2"}))
+        sc.wait_for_log(SERVER_DOWN.search, freeze_for - 0.5)  # the sidecar says the server is down
+        assert sc.running
+        assert sc.healthz() == 200
         assert sc.status()["server"]["up"] is False
         # hold the freeze for its full length (longer than --request-timeout)
-        wait_for(lambda: time.monotonic() - frozen_at >= freeze_for, freeze_for + 1, "the freeze to last")
-        assert sc.alive() and sc.get("/healthz")[0] == 200
+        wait_until(lambda: time.monotonic() - frozen_at >= freeze_for, freeze_for + 1, 0.1)
+        assert sc.running and sc.healthz() == 200
     finally:
         own_vllm.thaw()
     took = wait_roots(own_vllm, {"fz-a1": adapters / "a1", "fz-a2": adapters / "a2"}, sc)
     note_timing(f"after SIGCONT a new adapter converged in {took:.2f} s")
     assert text_of(own_vllm, "fz-a2") == refs["a2"]
-    wait_for(lambda: sc.status()["server"]["up"], 10, "server up again in /status")
+    sc.wait_for(lambda: sc.status()["server"]["up"], 10, "server up again in /status")
 
 
 # ---- 7. API key ----------------------------------------------------------------------------
 def test_api_key_from_env_or_file(vllm, adapters, kube, sidecars, tmp_path):
     key_file = tmp_path / "api-key"
     key_file.write_text(vllm.api_key + "\n")
-    kube.write(lora_config(vllm.port, exist=[("ak-file", adapters / "a1")]))
-    sc = sidecars(kube.path, period=PERIOD, args=["--api-key-file", str(key_file)])
+    kube.write(config(vllm.port, {"ak-file": adapters / "a1"}))
+    sc = sidecars(kube.path, args=["--api-key-file", key_file])
     wait_roots(vllm, {"ak-file": adapters / "a1"}, sc)
 
-    kube2 = KubeletConfig(tmp_path / "config2")
-    kube2.write(lora_config(vllm.port, exist=[("ak-env", adapters / "a2")]))
-    sc2 = sidecars(kube2.path, api_key=vllm.api_key, period=PERIOD)
+    kube2 = KubeletConfigDir(tmp_path / "config2")
+    kube2.write(config(vllm.port, {"ak-env": adapters / "a2"}))
+    sc2 = sidecars(kube2.path, api_key=vllm.api_key)
     wait_roots(vllm, {"ak-env": adapters / "a2"}, sc2)
     for s in (sc, sc2):
-        assert vllm.api_key not in s.log(), "the API key must not be logged"
+        assert vllm.api_key not in s.log_text(), "the API key must not be logged"
 
 
 def test_missing_api_key_is_reported_and_retried(vllm, adapters, kube, sidecars):
-    kube.write(lora_config(vllm.port, exist=[("ak-none", adapters / "a1")]))
+    kube.write(config(vllm.port, {"ak-none": adapters / "a1"}))
     before = server_log_count(vllm, "/v1/models HTTP/1.1\" 401")
-    sc = sidecars(kube.path, period=PERIOD)  # no key at all
-    wait_for(lambda: "401" in sc.log() and "VLLM_API_KEY" in sc.log(), 10,
-             "a log line naming 401 and VLLM_API_KEY", diagnostics=sc.log_tail)
+    sc = sidecars(kube.path)  # no key at all
+    sc.wait_for(lambda: "401" in sc.log_text() and "VLLM_API_KEY" in sc.log_text(), 10,
+                "a log line naming 401 and VLLM_API_KEY")
     # it keeps trying: more refused GET /v1/models reach the server, one per period
-    wait_for(lambda: server_log_count(vllm, "/v1/models HTTP/1.1\" 401") >= before + 3, 5 * PERIOD + 5,
-             "3 refused attempts in the server log", diagnostics=sc.log_tail)
-    assert sc.alive()
+    sc.wait_for(lambda: server_log_count(vllm, "/v1/models HTTP/1.1\" 401") >= before + 3, 5 * PERIOD + 5,
+                "3 refused attempts in the server log")
+    assert sc.running
     assert "ak-none" not in vllm.models()
     status = sc.status()
     assert "401" in json.dumps(status), status
@@ -346,50 +340,49 @@ def test_missing_api_key_is_reported_and_retried(vllm, adapters, kube, sidecars)
 
 
 def test_wrong_api_key_is_reported(vllm, adapters, kube, sidecars):
-    kube.write(lora_config(vllm.port, exist=[("ak-wrong", adapters / "a1")]))
-    sc = sidecars(kube.path, api_key="not-the-key-123", period=PERIOD)
-    wait_for(lambda: "401" in sc.log(), 10, "a 401 in the log", diagnostics=sc.log_tail)
-    assert "not-the-key-123" not in sc.log(), "the API key must not be logged"
-    assert sc.alive() and "ak-wrong" not in vllm.models()
+    kube.write(config(vllm.port, {"ak-wrong": adapters / "a1"}))
+    sc = sidecars(kube.path, api_key="not-the-key-123")
+    sc.wait_for(lambda: "401" in sc.log_text(), 10, "a 401 in the log")
+    assert "not-the-key-123" not in sc.log_text(), "the API key must not be logged"
+    assert sc.running and "ak-wrong" not in vllm.models()
 
 
 # ---- 8. base model ---------------------------------------------------------------------------
 def test_adapters_for_another_base_model_are_skipped(vllm, adapters, kube, sidecars):
     absent_base = "llama-70b-not-served"
-    kube.write(lora_config(
-        vllm.port, default_base=absent_base,
-        exist=[("bm-default", adapters / "a1"),
-               {"id": "bm-byid", "source": str(adapters / "a2"), "base-model": "tiny"},
-               {"id": "bm-byroot", "source": str(adapters / "a3"), "base-model": vllm.model_dir}],
+    kube.write(config(
+        vllm.port,
+        [{"id": "bm-default", "source": str(adapters / "a1")},
+         {"id": "bm-byid", "source": str(adapters / "a2"), "base-model": "tiny"},
+         {"id": "bm-byroot", "source": str(adapters / "a3"), "base-model": vllm.model_dir}],
+        defaultBaseModel=absent_base,
     ))
-    sc = sidecars(kube.path, api_key=vllm.api_key, period=PERIOD)
+    sc = sidecars(kube.path, api_key=vllm.api_key)
     # per-adapter base-model naming the served model, by id or by root, loads
     wait_roots(vllm, {"bm-byid": adapters / "a2", "bm-byroot": adapters / "a3"}, sc)
-    wait_for(lambda: sc.adapter_status("bm-default").get("state") == "skipped", 10,
-             "bm-default skipped", diagnostics=sc.log_tail)
-    reason = sc.adapter_status("bm-default").get("last_error") or ""
+    sc.wait_for(lambda: sc.status()["adapters"]["bm-default"]["state"] == "skipped", 10,
+                "bm-default skipped")
+    reason = sc.status()["adapters"]["bm-default"]["last_error"] or ""
     assert absent_base in reason and "tiny" in reason, f"the reason must name both models: {reason!r}"
     # and it stays unloaded over further cycles
-    cycles = metric_sum(sc.metrics(), "lora_sidecar_reconcile_total")
-    wait_for(lambda: metric_sum(sc.metrics(), "lora_sidecar_reconcile_total") >= cycles + 2, 10,
-             "2 more cycles")
+    cycles = sc.metrics().total("lora_sidecar_reconcile_total")
+    sc.wait_for(lambda: sc.metrics().total("lora_sidecar_reconcile_total") >= cycles + 2, 10, "2 more cycles")
     assert "bm-default" not in vllm.models()
 
-    dry = run_sidecar(["--config", str(kube.path), "--dry-run", "--health-check-timeout", "10"],
-                      api_key=vllm.api_key)
+    dry = run_sidecar(["--config", kube.path, "--dry-run", "--health-check-timeout", "10"],
+                      {"VLLM_API_KEY": vllm.api_key}, 60, fast=False)
     assert "bm-default" in plan_lines(dry.stdout).get("skip", set()), dry.stdout + dry.stderr
 
 
 def test_nothing_loaded_when_no_adapter_matches_the_base_model(vllm, adapters, kube, sidecars):
-    kube.write(lora_config(vllm.port, default_base="other-base",
-                           exist=[("bm-x1", adapters / "a1"), ("bm-x2", adapters / "a2")]))
-    sc = sidecars(kube.path, api_key=vllm.api_key, period=PERIOD)
-    wait_for(lambda: all(sc.adapter_status(i).get("state") == "skipped" for i in ("bm-x1", "bm-x2")),
-             10, "both skipped", diagnostics=sc.log_tail)
+    kube.write(config(vllm.port, {"bm-x1": adapters / "a1", "bm-x2": adapters / "a2"}, defaultBaseModel="other-base"))
+    sc = sidecars(kube.path, api_key=vllm.api_key)
+    sc.wait_for(lambda: all(sc.status()["adapters"][i]["state"] == "skipped" for i in ("bm-x1", "bm-x2")),
+                10, "both skipped")
     assert not {"bm-x1", "bm-x2"} & set(vllm.models())
-    assert metric_sum(sc.metrics(), "lora_sidecar_operations_total") == 0
+    assert sc.metrics().total("lora_sidecar_operations_total") == 0
     for i in ("bm-x1", "bm-x2"):
-        reason = sc.adapter_status(i).get("last_error") or ""
+        reason = sc.status()["adapters"][i]["last_error"] or ""
         assert "other-base" in reason and "tiny" in reason, reason
 
 
@@ -401,44 +394,47 @@ def test_once_and_dry_run(vllm, refs, adapters, kube, tmp_path):
                                     {"lora_name": name, "lora_path": str(adapters / folder)})
         assert status == 200, body
     ids = ("os-a1", "os-a2", "os-gone", "os-big")
-    exist = [("os-a1", adapters / "a1"), ("os-a2", adapters / "a2")]
-    kube.write(lora_config(vllm.port, exist=exist, not_exist=[("os-gone", adapters / "a3")]))
-    common = ["--config", str(kube.path), "--health-check-timeout", "10"]
+    exist = {"os-a1": adapters / "a1", "os-a2": adapters / "a2"}
+    gone = {"os-gone": adapters / "a3"}
+    kube.write(config(vllm.port, exist, gone))
+
+    def run(mode: str):
+        return run_sidecar(["--config", kube.path, "--health-check-timeout", "10", mode],
+                           {"VLLM_API_KEY": vllm.api_key}, 60, fast=False)
 
     before = roots(vllm, *ids)
-    dry = run_sidecar([*common, "--dry-run"], api_key=vllm.api_key)
-    assert dry.returncode == 1, dry.stdout + dry.stderr
+    dry = run("--dry-run")
+    assert dry.code == 1, dry.stdout + dry.stderr
     assert plan_lines(dry.stdout) == {"load": {"os-a1"}, "reload": {"os-a2"}, "unload": {"os-gone"}}, dry.stdout
     assert roots(vllm, *ids) == before, "--dry-run must change nothing"
 
-    once = run_sidecar([*common, "--once"], api_key=vllm.api_key)
-    assert once.returncode == 0, once.stdout + once.stderr
+    once = run("--once")
+    assert once.code == 0, once.stdout + once.stderr
     assert roots(vllm, *ids) == {"os-a1": str(adapters / "a1"), "os-a2": str(adapters / "a2")}
     assert text_of(vllm, "os-a2") == refs["a2"]
 
-    dry = run_sidecar([*common, "--dry-run"], api_key=vllm.api_key)
-    assert (dry.returncode, dry.stdout.strip()) == (0, "in sync"), dry.stdout + dry.stderr
+    dry = run("--dry-run")
+    assert (dry.code, dry.stdout.strip()) == (0, "in sync"), dry.stdout + dry.stderr
 
     # an adapter the server refuses: --once cannot reach the goal
-    kube.write(lora_config(vllm.port, exist=[*exist, ("os-big", adapters / "big16")],
-                           not_exist=[("os-gone", adapters / "a3")]))
-    once = run_sidecar([*common, "--once"], api_key=vllm.api_key)
-    assert once.returncode == 1, once.stdout + once.stderr
+    kube.write(config(vllm.port, {**exist, "os-big": adapters / "big16"}, gone))
+    once = run("--once")
+    assert once.code == 1, once.stdout + once.stderr
     assert "os-big" in plan_lines(once.stdout).get("load", set()), once.stdout
-    dry = run_sidecar([*common, "--dry-run"], api_key=vllm.api_key)
-    assert dry.returncode == 1 and plan_lines(dry.stdout) == {"load": {"os-big"}}, dry.stdout + dry.stderr
+    dry = run("--dry-run")
+    assert dry.code == 1 and plan_lines(dry.stdout) == {"load": {"os-big"}}, dry.stdout + dry.stderr
     assert "os-big" not in vllm.models()
 
     # an invalid config: exit 2, the server untouched
     held = roots(vllm, *ids)
     kube.write("vLLMLoRAConfig:\n  port: 8000\n  ensureExist:\n    models:\n      - id: x\n")
     for mode in ("--once", "--dry-run", "--validate"):
-        res = run_sidecar([*common, mode], api_key=vllm.api_key)
-        assert res.returncode == 2, (mode, res.stdout, res.stderr)
+        res = run(mode)
+        assert res.code == 2, (mode, res.stdout, res.stderr)
         assert "source" in res.stderr, (mode, res.stderr)
     assert roots(vllm, *ids) == held
 
     # nothing listening: exit 1 after the health-check timeout
-    kube.write(lora_config(free_port(), exist=exist))
-    res = run_sidecar(["--config", str(kube.path), "--health-check-timeout", "1", "--dry-run"])
-    assert res.returncode == 1, res.stdout + res.stderr
+    kube.write(config(free_port(), exist))
+    res = run_sidecar(["--config", kube.path, "--health-check-timeout", "1", "--dry-run"], fast=False)
+    assert res.code == 1, res.stdout + res.stderr

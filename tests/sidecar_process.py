@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +36,11 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script (python tests/faults.py): e2e/ is not importable yet
+    sys.path.append(str(REPO))
+
+from e2e.vllm_server import free_port  # noqa: E402  (standard library only; re-exported for the tests)
+
 # SIDECAR_SCRIPT runs these tests against another copy (validation.yaml must sit next to it).
 SIDECAR = Path(os.environ.get("SIDECAR_SCRIPT") or REPO / "sidecar.py")
 PYTHON = sys.executable
@@ -51,13 +55,6 @@ FAST_FLAGS = (
 )
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(
@@ -331,16 +328,22 @@ class Sidecar:
 
     def wait_serving(self, timeout: float = 10.0) -> None:
         """Until the sidecar's HTTP server answers (any status)."""
-        wait_until(lambda: self.healthz() in (200, 503), timeout, message=self._diagnose)
+        wait_until(lambda: self.healthz() in (200, 503), timeout, message=self.diagnose)
 
     def wait_ready(self, timeout: float = 10.0) -> None:
-        wait_until(lambda: self.readyz() == 200, timeout, message=self._diagnose)
+        wait_until(lambda: self.readyz() == 200, timeout, message=self.diagnose)
 
     def wait_metric(self, name: str, expected: float, timeout: float = 5.0, **labels: str) -> None:
         wait_until(lambda: self.metrics().value(name, **labels) == expected, timeout,
-                   message=lambda: f"{name}{labels} == {expected}\n" + self._diagnose())
+                   message=lambda: f"{name}{labels} == {expected}\n" + self.diagnose())
 
-    def _diagnose(self) -> str:
+    def wait_for(self, predicate: Callable[[], T], timeout: float = 5.0, what: str = "",
+                 interval: float = 0.02) -> T:
+        """wait_until(predicate), failing with `what`, whether the sidecar still runs, and its log."""
+        return wait_until(predicate, timeout, interval, message=lambda: f"{what or predicate}\n{self.diagnose()}")
+
+    def diagnose(self) -> str:
+        """Whether the sidecar runs (or its exit code), and its whole log: for failure messages."""
         alive = "running" if self.running else f"exited with {self.proc.returncode if self.proc else None}"
         return f"sidecar {alive}; log:\n{self.log_text()}"
 
