@@ -490,7 +490,7 @@ class VLLMClient:
         if response.status_code != 200:
             raise ServerError(f"GET /v1/models answered {response.status_code}: {_server_message(response)}")
         try:
-            return parse_model_list(response.json())
+            return parse_model_list(json.loads(response.content))
         except ValueError as e:
             raise ServerError(f"GET /v1/models answered an unexpected body: {e}") from None
 
@@ -673,6 +673,7 @@ class Reconciler:
         self.cycles = 0
         self.last_cycle: CycleResult | None = None
         self._server_url = ""
+        self._adopted: DesiredState | None = None
         self._started = clock()
         self._reported_error: str | None = None
         self._waiting_reported = False
@@ -828,6 +829,9 @@ class Reconciler:
 
     def _adopt(self, desired: DesiredState) -> None:
         """Follow config changes: new records for new or changed entries, none for dropped ones."""
+        if desired is self._adopted:
+            return  # the same config as last cycle: nothing to follow
+        self._adopted = desired
         if desired.server_url != self._server_url:
             self.client.use_server(desired.server_url)
             self._server_url, self.server_up = desired.server_url, None
@@ -1276,17 +1280,15 @@ def run_forever(settings: Settings, client: VLLMClient) -> int:
             log.error("cannot serve metrics and probes", extra={"fields": {"address": f"{address[0]}:{address[1]}",
                                                                             "error": e.strerror or str(e)}})
             return 1
-        threading.Thread(target=status_server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        # The process exits without shutdown(), so the poll interval only costs wake-ups: keep it long.
+        threading.Thread(target=status_server.serve_forever, kwargs={"poll_interval": 5}, daemon=True).start()
     log.info("sidecar started", extra={"fields": {"version": VERSION, "config": str(settings.config_path),
                                                   "metrics_port": settings.metrics_port}})
     worker = threading.Thread(target=run_loop, args=(settings, config, reconciler, stop, heartbeat), daemon=True)
     worker.start()
     while not stop.is_set() and worker.is_alive():
-        stop.wait(0.1)
+        stop.wait(1.0)  # a signal sets `stop` and ends the wait at once
     log.info("sidecar stopping; adapters stay loaded")
-    if status_server:
-        status_server.shutdown()
-        status_server.server_close()
     return 0 if stop.is_set() else 1
 
 

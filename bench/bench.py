@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """`make bench`: what the sidecar costs and how fast it acts, measured from outside (issue 5).
 
-sidecar.py runs as its own process against the vLLM-like test server (tests/fake_vllm.py, also
-its own process), so /proc/<pid>/stat and /proc/<pid>/status describe the sidecar alone. The
-config folder changes the way the kubelet changes a mounted ConfigMap (new timestamped folder,
-`..data_tmp` renamed over `..data`, old folder removed last). Timings come from the fake's
-request log, whose `t` is time.monotonic() - one clock for the whole machine, so the bench
-compares it with its own time.monotonic() at the `..data` rename or at Popen.
+sidecar.py runs as its own process (tests/sidecar_process.Sidecar) against the vLLM-like test server
+(tests/fake_vllm.py, also its own process), so /proc/<pid>/stat and /proc/<pid>/status describe the
+sidecar alone. The config folder changes the way the kubelet changes a mounted ConfigMap
+(tests/kubelet.KubeletConfigDir: new version folder, `..data_tmp` renamed over `..data`, old folder
+removed last). Timings come from the fake's request log, whose `t` is time.monotonic() - one clock
+for the whole machine, so the bench compares it with its own time.monotonic() at the `..data`
+rename or at Popen.
 
     .venv/bin/python bench/bench.py              # the table; JSON in bench/results/latest.json
     .venv/bin/python bench/bench.py --no-vllm    # skip the real-vLLM row (saves ~1 min)
@@ -30,7 +31,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,13 +38,20 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from kubelet import KubeletConfigDir  # noqa: E402
+from sidecar_process import Sidecar, lora_config, wait_until  # noqa: E402
+
+from e2e.vllm_server import MODELS, VLLMServer  # noqa: E402  (standard library only)
+
 SIDECAR = Path(os.environ.get("BENCH_SIDECAR", REPO / "sidecar.py")).resolve()
 FAKE = REPO / "tests" / "fake_vllm.py"
 RESULTS = REPO / "bench" / "results"
@@ -78,28 +85,11 @@ OLD = {
 # ----------------------------------------------------------------------------- helpers
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_json(method: str, url: str, body: Any = None, timeout: float = 30.0) -> Any:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read() or b"null")
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -117,58 +107,16 @@ class BenchError(RuntimeError):
     pass
 
 
-# ---------------------------------------------------------------- the config, kubelet-style
+# ------------------------------------------------------------------------------ configs
 
 
-class KubeletConfigDir:
-    """A mounted ConfigMap folder (see /work/shared/configmap-facts.md and tests/kubelet.py),
-    whose write() returns the monotonic time of the atomic `..data` switch."""
-
-    def __init__(self, root: Path, key: str = "configmap.yaml") -> None:
-        self.root = root
-        self.key = key
-        self.versions = 0
-        root.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def path(self) -> Path:
-        return self.root / self.key
-
-    def write(self, text: str) -> float:
-        self.versions += 1
-        stamp = time.strftime("%Y_%m_%d_%H_%M_%S")
-        version = self.root / f"..{stamp}.{os.getpid()}{self.versions:06d}"
-        version.mkdir()
-        (version / self.key).write_text(text, encoding="utf-8")
-        data = self.root / "..data"
-        old = self.root / os.readlink(data) if os.path.islink(data) else None
-        os.symlink(version.name, self.root / "..data_tmp")
-        os.rename(self.root / "..data_tmp", data)
-        swapped = time.monotonic()
-        if not os.path.islink(self.path):
-            os.symlink(f"..data/{self.key}", self.path)
-        if old is not None:
-            shutil.rmtree(old)
-        return swapped
+def bench_config(port: int, adapters: Mapping[str, str], base_model: str) -> str:
+    """The YAML text of a vLLMLoRAConfig named bench holding `adapters` ({id: source})."""
+    return lora_config(port, adapters, name="bench", defaultBaseModel=base_model)
 
 
-def config_yaml(port: int, adapters: list[tuple[str, str]], base_model: str, host: str = "127.0.0.1") -> str:
-    lines = [
-        "vLLMLoRAConfig:",
-        "  name: bench",
-        f"  host: {host}",
-        f"  port: {port}",
-        f"  defaultBaseModel: {base_model}",
-        "  ensureExist:",
-        "    models:",
-    ]
-    for adapter_id, source in adapters:
-        lines += [f"    - id: {adapter_id}", f"      source: {source}"]
-    return "\n".join(lines) + "\n"
-
-
-def fake_adapters(count: int, prefix: str = "ad") -> list[tuple[str, str]]:
-    return [(f"{prefix}-{i:04d}", f"/adapters/{prefix}-{i:04d}") for i in range(count)]
+def fake_adapters(count: int, prefix: str = "ad") -> dict[str, str]:
+    return {f"{prefix}-{i:04d}": f"/adapters/{prefix}-{i:04d}" for i in range(count)}
 
 
 # ---------------------------------------------------------------------------- processes
@@ -226,32 +174,41 @@ class CpuSample:
     cpu_s: float
 
 
-def proc_cpu(pid: int) -> CpuSample:
-    """User + system CPU seconds of a whole process (all threads) from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as f:
+def stat_cpu_seconds(stat_path: str) -> float:
+    """User + system CPU seconds from a /proc/<pid>/stat or /proc/<pid>/task/<tid>/stat file."""
+    with open(stat_path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15, in clock ticks
-    return CpuSample(time.monotonic(), (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-class Sidecar:
-    """sidecar.py as a process, with /proc readings of its CPU time and RSS."""
+def proc_cpu(pid: int) -> CpuSample:
+    """User + system CPU seconds of a whole process (all threads)."""
+    return CpuSample(time.monotonic(), stat_cpu_seconds(f"/proc/{pid}/stat"))
 
-    def __init__(self, config: Path, period: float, workdir: Path, name: str, *, log_format: str = "text") -> None:
-        self.metrics_port = free_port()
-        self.log_path = workdir / f"sidecar-{name}.log"
-        cmd = [PYTHON, str(SIDECAR), "--config", str(config), "--reconcile-trigger", str(period),
-               "--metrics-port", str(self.metrics_port), "--metrics-address", "127.0.0.1",
-               "--log-format", log_format]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_SIDECAR_") and k != "VLLM_API_KEY"}
-        with open(self.log_path, "wb") as log:
-            self.started_wall = time.time()
-            self.started = time.monotonic()
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=REPO, env=env)
-        self.pid = self.proc.pid
+
+class BenchSidecar(Sidecar):
+    """tests/sidecar_process.Sidecar with the bench's command line: the sidecar's own defaults (no
+    FAST_FLAGS) but for the config, the reconcile period, the log format and the metrics address; plus
+    when it was started and /proc readings of its CPU time and RSS. Leaving the `with` block sends
+    SIGTERM and keeps the exit code and the seconds the sidecar took to exit."""
+
+    def __init__(self, config: Path, period: float, *, log_format: str = "text") -> None:
+        super().__init__(["--config", config, "--reconcile-trigger", period, "--metrics-address", "127.0.0.1",
+                          "--log-format", log_format], fast=False, cwd=REPO, script=SIDECAR)
         self.exit_code: int | None = None
         self.stop_seconds: float | None = None
+
+    def start(self) -> BenchSidecar:
+        self.started_wall = time.time()
+        self.started = time.monotonic()  # right before Popen
+        super().start()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
 
     def cpu(self) -> CpuSample:
         return proc_cpu(self.pid)
@@ -267,38 +224,22 @@ class Sidecar:
         """CPU seconds per thread id (from /proc/<pid>/task)."""
         result = {}
         for task in os.listdir(f"/proc/{self.pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{self.pid}/task/{task}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-                result[int(task)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+            with contextlib.suppress(OSError):
+                result[int(task)] = stat_cpu_seconds(f"/proc/{self.pid}/task/{task}/stat")
         return result
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
     def log_tail(self, lines: int = 20) -> str:
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            began = time.monotonic()
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.stop_seconds = time.monotonic() - began
-        self.exit_code = self.proc.returncode
-
-    def __enter__(self) -> Sidecar:
-        return self
+        return "\n".join(self.lines()[-lines:])
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        if self.proc is not None:
+            if self.running:
+                _, self.stop_seconds = self.stop()
+            self.exit_code = self.proc.returncode
+        super().__exit__(*exc)
 
 
-def idle_window(fake: FakeServer, sidecar: Sidecar, seconds: float, period: float) -> dict[str, Any]:
+def idle_window(fake: FakeServer, sidecar: BenchSidecar, seconds: float, period: float) -> dict[str, Any]:
     """Requests by endpoint, CPU and RSS of an in-sync sidecar over `seconds`."""
     fake.reset()
     before = sidecar.cpu()
@@ -342,14 +283,14 @@ def bench_cold_start(workdir: Path, reps: int, idle_seconds: float) -> dict[str,
     """Popen to the 5th load request, `reps` times; the last run then measures the idle cost."""
     conf = KubeletConfigDir(workdir / "cold")
     with FakeServer() as fake:
-        conf.write(config_yaml(fake.port, fake_adapters(5), "base"))
+        conf.write(bench_config(fake.port, fake_adapters(5), "base"))
         times = []
         idle: dict[str, Any] = {}
         for rep in range(reps):
             fake.clear_adapters()
             fake.reset()
-            with Sidecar(conf.path, 1.0, workdir, f"cold-{rep}") as sidecar:
-                log = wait_for(lambda: five_loaded(fake.requests()), 30, "5 adapters loaded")
+            with BenchSidecar(conf.path, 1.0) as sidecar:
+                log = wait_until(lambda: five_loaded(fake.requests()), 30, 0.05, "5 adapters loaded")
                 loads = [e for e in log if endpoint(e) == LOAD]
                 times.append(loads[4]["t"] - sidecar.started)
                 first_request = log[0]["t"] - sidecar.started
@@ -374,22 +315,23 @@ def bench_reaction(workdir: Path, swaps: int, base: int = 5, seed: int = 5) -> d
     rng = random.Random(seed)
     adapters = fake_adapters(base)
     with FakeServer() as fake:
-        conf.write(config_yaml(fake.port, adapters, "base"))
-        with Sidecar(conf.path, 30.0, workdir, f"reaction-{base}") as sidecar:
-            wait_for(lambda: len(fake.adapters()) >= base, 60, f"{base} adapters loaded", interval=0.1)
+        conf.write(bench_config(fake.port, adapters, "base"))
+        with BenchSidecar(conf.path, 30.0) as sidecar:
+            wait_until(lambda: len(fake.adapters()) >= base, 60, 0.1, f"{base} adapters loaded")
             time.sleep(0.3)
             reactions = []
             for i in range(swaps):
                 fake.reset()
-                new = (f"swap-{i:03d}", f"/adapters/swap-{i:03d}")
-                adapters.append(new)
-                swapped = conf.write(config_yaml(fake.port, adapters, "base"))
+                new = f"swap-{i:03d}"
+                adapters[new] = f"/adapters/{new}"
+                swapped = conf.write(bench_config(fake.port, adapters, "base"))
+                assert swapped is not None  # every swap adds an adapter: never byte-identical
 
-                def arrived(name: str = new[0]) -> list[dict[str, Any]]:
+                def arrived(name: str = new) -> list[dict[str, Any]]:
                     return [e for e in fake.requests() if endpoint(e) == LOAD and e["body"]["lora_name"] == name]
 
                 time.sleep(0.05)
-                load = wait_for(arrived, 10, f"the load of {new[0]}", interval=0.02)[0]
+                load = wait_until(arrived, 10, 0.02, f"the load of {new}")[0]
                 reactions.append(load["t"] - swapped)
                 time.sleep(rng.uniform(0.05, 0.35))  # spread the swaps over the watch tick's phase
             all_log = fake.requests()
@@ -410,13 +352,13 @@ def bench_convergence(workdir: Path, count: int, load_delay: float, idle_seconds
     """`count` adapters from nothing, each load taking `load_delay` on the server; then the idle cost."""
     conf = KubeletConfigDir(workdir / "converge")
     with FakeServer(load_delay=load_delay) as fake:
-        conf.write(config_yaml(fake.port, fake_adapters(count), "base"))
+        conf.write(bench_config(fake.port, fake_adapters(count), "base"))
         fake_cpu_before = proc_cpu(fake.proc.pid)
-        with Sidecar(conf.path, 1.0, workdir, f"converge-{count}") as sidecar:
-            wait_for(lambda: len(fake.adapters()) >= count or not sidecar.alive(), 120,
-                     f"{count} adapters loaded", interval=0.25)
+        with BenchSidecar(conf.path, 1.0) as sidecar:
+            wait_until(lambda: len(fake.adapters()) >= count or not sidecar.running, 120, 0.25,
+                       f"{count} adapters loaded")
             sidecar_cpu, fake_cpu = sidecar.cpu(), proc_cpu(fake.proc.pid)
-            if not sidecar.alive():
+            if not sidecar.running:
                 raise BenchError(f"the sidecar exited:\n{sidecar.log_tail()}")
             log = fake.requests()
             loads = [e for e in log if endpoint(e) == LOAD]
@@ -449,7 +391,7 @@ def bench_convergence(workdir: Path, count: int, load_delay: float, idle_seconds
     }
 
 
-def scrape_cost(sidecar: Sidecar, scrapes: int = 5) -> dict[str, Any]:
+def scrape_cost(sidecar: BenchSidecar, scrapes: int = 5) -> dict[str, Any]:
     """CPU the sidecar spends per GET /metrics (what a Prometheus scrape costs it)."""
     url = f"http://127.0.0.1:{sidecar.metrics_port}/metrics"
     before = sidecar.cpu()
@@ -479,9 +421,6 @@ ACCESS_LINE = re.compile(r'"(GET|POST|PUT|DELETE) (/[^ ?"]*)[^"]*" (\d{3})')
 
 def bench_vllm(workdir: Path, count: int) -> dict[str, Any]:
     """`count` names for one adapter folder against the real vLLM of the e2e suite."""
-    sys.path.insert(0, str(REPO))
-    from e2e.vllm_server import MODELS, VLLMServer  # standard library only
-
     adapter = MODELS / "adapters" / "a1"
     server = VLLMServer(MODELS / "base", log_path=workdir / "vllm.log")
     began = time.monotonic()
@@ -489,17 +428,17 @@ def bench_vllm(workdir: Path, count: int) -> dict[str, Any]:
     boot = time.monotonic() - began
     try:
         conf = KubeletConfigDir(workdir / "vllm")
-        adapters = [(f"bench-{i:03d}", str(adapter)) for i in range(count)]
-        conf.write(config_yaml(server.port, adapters, server.served_model_name))
+        adapters = {f"bench-{i:03d}": str(adapter) for i in range(count)}
+        conf.write(bench_config(server.port, adapters, server.served_model_name))
         log_offset = server.log_path.stat().st_size
-        with Sidecar(conf.path, 5.0, workdir, "vllm", log_format="json") as sidecar:
+        with BenchSidecar(conf.path, 5.0, log_format="json") as sidecar:
 
             def done() -> list[dict[str, Any]]:
-                lines = [json.loads(x) for x in sidecar.log_path.read_text().splitlines() if x.startswith("{")]
+                lines = [json.loads(x) for x in sidecar.lines() if x.startswith("{")]
                 loads = [x for x in lines if x.get("action") == "load" and x.get("result") == "success"]
                 return loads if len(loads) >= count else []
 
-            loads = wait_for(lambda: done() or not sidecar.alive(), 120, f"{count} loads on vLLM", interval=0.25)
+            loads = wait_until(lambda: done() or not sidecar.running, 120, 0.25, f"{count} loads on vLLM")
             if not isinstance(loads, list):
                 raise BenchError(f"the sidecar exited:\n{sidecar.log_tail()}")
             stamps = sorted(datetime.strptime(x["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
@@ -796,7 +735,7 @@ def summarize_profile(path: Path, top: int = 18) -> str:
     return "\n".join(lines)
 
 
-def thread_cpu_text(sidecar: Sidecar, seconds: float) -> str:
+def thread_cpu_text(sidecar: BenchSidecar, seconds: float) -> str:
     """CPU per thread over `seconds` from /proc/<pid>/task, no profiler attached."""
     before, began = sidecar.thread_cpu(), time.monotonic()
     time.sleep(seconds)
@@ -831,11 +770,11 @@ def run_profile(args: argparse.Namespace) -> int:
         workdir = Path(tmp)
         conf = KubeletConfigDir(workdir / "profile")
         with FakeServer(load_delay=args.load_delay) as fake:
-            conf.write(config_yaml(fake.port, fake_adapters(count), "base"))
-            with Sidecar(conf.path, 1.0, workdir, "profile") as sidecar:
+            conf.write(bench_config(fake.port, fake_adapters(count), "base"))
+            with BenchSidecar(conf.path, 1.0) as sidecar:
                 converge = RESULTS / f"profile-converge-{count}.txt"
                 with py_spy(sidecar.pid, converge, args.rate):
-                    wait_for(lambda: len(fake.adapters()) >= count, 120, f"{count} adapters", interval=0.1)
+                    wait_until(lambda: len(fake.adapters()) >= count, 120, 0.1, f"{count} adapters")
                 summaries.append(f"== py-spy: converge {count} adapters, {args.load_delay * 1000:g} ms/load "
                                  f"(from Popen, imports included)\n" + summarize_profile(converge))
                 time.sleep(1.5)
@@ -869,7 +808,7 @@ def cprofile_in_process(workdir: Path, count: int, cycles: int = 30) -> str:
     out = []
     conf = KubeletConfigDir(workdir / "cprofile")
     with FakeServer() as fake:
-        conf.write(config_yaml(fake.port, fake_adapters(count), "base"))
+        conf.write(bench_config(fake.port, fake_adapters(count), "base"))
         config = sc.ConfigSource(conf.path)
         config.poll(force=True)
         desired = config.desired
@@ -930,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run_profile(args) if args.profile else run_table(args)
-    except BenchError as e:
+    except (BenchError, AssertionError) as e:  # AssertionError: a wait_until that timed out
         print(f"\nbench: {e}", file=sys.stderr)
         return 1
 

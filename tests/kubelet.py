@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import time
 from pathlib import Path
 
 _versions = itertools.count()
@@ -26,11 +27,15 @@ class KubeletConfigDir:
         """The path the sidecar is given: the key symlink."""
         return self.root / self.key
 
-    def write(self, text: str | bytes) -> None:
-        """Publish a new version; a byte-identical one is ignored, as the kubelet does."""
+    def write(self, text: str | bytes) -> float | None:
+        """Publish a new version; a byte-identical one is ignored, as the kubelet does.
+
+        Returns the time.monotonic() of the atomic `..data` switch (what bench/bench.py times reactions
+        from), or None when the version was ignored.
+        """
         data = text.encode() if isinstance(text, str) else text
         if self.path.exists() and self.path.read_bytes() == data:
-            return
+            return None
         version = self.root / f"..{os.getpid()}_{next(_versions):06d}"
         version.mkdir()
         (version / self.key).write_bytes(data)
@@ -38,10 +43,12 @@ class KubeletConfigDir:
         tmp = self.root / "..data_tmp"
         os.symlink(version.name, tmp)
         os.rename(tmp, self.root / "..data")
+        switched = time.monotonic()
         if not os.path.islink(self.path):
             os.symlink(f"..data/{self.key}", self.path)
         if old is not None and old.exists():
             shutil.rmtree(old)
+        return switched
 
     def remove_key(self) -> None:
         """The key disappears from the ConfigMap: its symlink goes, the data stays."""

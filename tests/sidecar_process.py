@@ -196,10 +196,12 @@ class Sidecar:
         metrics_port: int | None = None,
         fast: bool = True,
         cwd: str | os.PathLike[str] | None = None,
+        script: str | os.PathLike[str] | None = None,
     ) -> None:
+        """`script`: the sidecar.py to run, SIDECAR (SIDECAR_SCRIPT or the repo's) unless given."""
         self.metrics_port = free_port() if metrics_port is None else metrics_port
         flags = [*(FAST_FLAGS if fast else ()), "--metrics-port", str(self.metrics_port)]
-        self.argv = [PYTHON, str(SIDECAR), *flags, *map(str, args)]
+        self.argv = [PYTHON, str(script or SIDECAR), *flags, *map(str, args)]
         self.env = clean_env(env)
         self.cwd = cwd
         self.proc: subprocess.Popen[str] | None = None

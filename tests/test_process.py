@@ -91,7 +91,9 @@ def test_converges_from_start_with_one_load_each(fake, adapter_paths, kubelet, s
     converge(fake, paths)
     wait_cycles(fake, 2)  # later cycles must find nothing to do
     log = fake.requests()
-    assert [e["body"] for e in loads(log)] == [{"lora_name": k, "lora_path": v} for k, v in paths.items()]
+    # Up to four loads are in flight at once, so they may arrive in any order: one each, exactly.
+    bodies = sorted((e["body"] for e in loads(log)), key=lambda b: b["lora_name"])
+    assert bodies == sorted(({"lora_name": k, "lora_path": v} for k, v in paths.items()), key=lambda b: b["lora_name"])
     assert all(e["status"] == 200 for e in log)
     assert not unloads(log)
     assert set(vllm_calls(log)) <= {HEALTH, MODELS, LOAD}
@@ -234,7 +236,7 @@ def test_one_adapter_failing_with_500_does_not_hold_up_nine_and_backs_off(
     assert set(first_attempts) == set(configured)
     assert all(e["t"] < second_cycle for e in first_attempts.values())
     assert first_attempts["big"]["status"] == 500
-    assert first_attempts["ok4"]["t"] > first_attempts["big"]["t"], "the ones after the failure go on"
+    assert all(e["status"] == 200 for name, e in first_attempts.items() if name != "big"), "the others go on"
 
     # Retried later with exponential backoff: fewer attempts than periods, growing gaps.
     first = first_attempts["big"]["t"]
