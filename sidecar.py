@@ -265,20 +265,58 @@ def _parse_yaml(raw: bytes | str, label: str) -> Any:
     if not raw.strip():
         raise ConfigError([f"{label}: the file is empty; expected a {CONFIG_KEY} document"])
     try:
-        document = yaml.load(raw, Loader=SAFE_LOADER)
+        document = json.loads(raw)  # JSON is YAML; json reads escaped astral characters right
+    except (ValueError, RecursionError):
+        document = _load_yaml(raw, label)
+    _check_bounds(document, label)
+    return document
+
+
+def _load_yaml(raw: bytes | str, label: str) -> Any:
+    try:
+        _check_events(raw, label)
+        return yaml.load(raw, Loader=SAFE_LOADER)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError([f"{label}: invalid YAML{where}: {problem}"]) from None
-    except RecursionError:
-        raise ConfigError([f"{label}: the YAML is nested too deeply"]) from None
-    _check_bounds(document, label)
-    return document
+    except ConfigError:
+        raise
+    except Exception as e:  # PyYAML's constructors raise plain errors too (`name: 2024-13-45`)
+        raise ConfigError([f"{label}: invalid YAML: {type(e).__name__}: {_short(str(e))}"]) from None
+
+
+def _check_events(raw: bytes | str, label: str) -> None:
+    """Bound depth and expanded size on the parser's event stream, before anything is built:
+    building first would let a merge-key or alias bomb, or deep nesting, exhaust time, memory
+    or (in libyaml's composer) the C stack."""
+    depth = total = 0
+    sizes: dict[str, int] = {}  # anchor -> how many values it stands for
+    starts: list[tuple[str | None, int]] = []
+    for event in yaml.parse(raw, Loader=SAFE_LOADER):
+        if isinstance(event, yaml.AliasEvent):
+            total += sizes.get(event.anchor, 1)
+        elif isinstance(event, yaml.ScalarEvent):
+            total += 1
+            if event.anchor:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            total, depth = total + 1, depth + 1
+            starts.append((event.anchor, total))
+            if depth > MAX_CONFIG_DEPTH:
+                raise ConfigError([f"{label}: the document nests deeper than {MAX_CONFIG_DEPTH} levels"])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+            anchor, start = starts.pop()
+            if anchor:
+                sizes[anchor] = total - start + 1
+        if total > MAX_CONFIG_NODES:
+            raise ConfigError([f"{label}: the document expands to more than {MAX_CONFIG_NODES} values"])
 
 
 def _check_bounds(document: Any, label: str) -> None:
-    """Refuse documents that alias-expand past a size or nest past a depth, and non-string keys."""
+    """Refuse what the event check cannot see: deep or huge JSON, non-string keys, giant numbers."""
     budget = MAX_CONFIG_NODES
     stack: list[tuple[Any, int]] = [(document, 0)]
     while stack:
@@ -291,10 +329,13 @@ def _check_bounds(document: Any, label: str) -> None:
         if isinstance(node, dict):
             for key, value in node.items():
                 if not isinstance(key, str):
-                    raise ConfigError([f"{label}: mapping key {key!r} is not a string"])
+                    raise ConfigError([f"{label}: mapping key {_short(key)} is not a string"])
                 stack.append((value, depth + 1))
         elif isinstance(node, list):
             stack.extend((item, depth + 1) for item in node)
+        elif isinstance(node, int) and not -(10**18) < node < 10**18:
+            # Python refuses to print integers past 4300 digits; no field takes one this big anyway.
+            raise ConfigError([f"{label}: a number has more than 18 digits"])
 
 
 def _unwrap_configmap(manifest: dict[str, Any], label: str) -> tuple[str, Any]:
@@ -339,7 +380,10 @@ def _describe_schema_error(error: jsonschema.ValidationError) -> Iterator[str]:
 
 
 def _short(value: Any) -> str:
-    text = value if isinstance(value, str) else f"{type(value).__name__} {value!r}"
+    try:
+        text = value if isinstance(value, str) else f"{type(value).__name__} {value!r}"
+    except ValueError:  # an integer past Python's 4300-digit printing limit
+        text = f"{type(value).__name__} too long to print"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -491,7 +535,7 @@ class VLLMClient:
             raise ServerError(f"GET /v1/models answered {response.status_code}: {_server_message(response)}")
         try:
             return parse_model_list(json.loads(response.content))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise ServerError(f"GET /v1/models answered an unexpected body: {e}") from None
 
     def load(self, adapter: Adapter, inplace: bool = False) -> Outcome:
@@ -561,7 +605,7 @@ def _text(response: requests.Response) -> str:
 def _json_body(response: requests.Response) -> Any:
     try:
         return json.loads(_text(response))
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 

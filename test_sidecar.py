@@ -209,7 +209,7 @@ def test_without_schema_validation_unknown_keys_pass():
         ("vLLMLoRAConfig: {port: 8000\n", "cfg.yaml: invalid YAML at line 2"),
         ("vLLMLoRAConfig:\n  - a\n b: c", "cfg.yaml: invalid YAML at line 3"),
         ("{? [a, b] : 1}", "cfg.yaml: invalid YAML"),
-        ("1: {vLLMLoRAConfig: {}}", "cfg.yaml: mapping key 1 is not a string"),
+        ("1: {vLLMLoRAConfig: {}}", "cfg.yaml: mapping key int 1 is not a string"),
         ("[" * 5000 + "]" * 5000, "cfg.yaml: "),
         ("a: " + "[" * 80 + "]" * 80, "cfg.yaml: the document nests deeper than 64 levels"),
         ("---\na: 1\n---\nb: 2\n", "cfg.yaml: invalid YAML"),

@@ -105,9 +105,6 @@ def test_an_unload_the_sidecar_did_not_ask_for_is_caught_from_the_real_log(tmp_p
         row.close()
 
 
-@pytest.mark.xfail(strict=True, reason="sidecar bug: the sidecar process dies on these configs "
-                   "(yaml_value_error: ValueError escapes parse_config and ends the loop thread, exit 1; "
-                   "deep_nesting: SIGSEGV in libyaml)")
 @pytest.mark.parametrize("event", EXTRA_EVENTS)
 def test_configs_the_parser_chokes_on_do_not_crash_the_sidecar(tmp_path, event):
     (outcome,) = run_row("healthy", [event], tmp_path)

@@ -17,9 +17,7 @@ timed with the garbage collector paused: a full collection of the test runner's 
 keeps ~50 kB per example) can take a second and is no cost of the sidecar's. Inputs that can crash
 the parser itself (libyaml recurses in C) are only ever parsed in a child process.
 
-Tests marked xfail(strict=True) show a bug in sidecar.py (the reason says which). Each fails on a
-fixed input (an explicit @example or a parameter), so it fails the same way on every run; once
-sidecar.py is fixed the test passes, strict xfail turns that into a failure, and the marker must go.
+Each bug these properties found is pinned by an explicit @example or parameter, so it stays tested.
 """
 
 from __future__ import annotations
@@ -306,9 +304,6 @@ def _containers(document: Any) -> Iterator[Any]:
             stack.extend(node.values() if isinstance(node, dict) else node)
 
 
-@pytest.mark.xfail(strict=True, reason="sidecar bug (minor): a JSON file that escapes an astral character as a "
-                   "surrogate pair (json.dumps does: \\ud83d\\ude00) is refused by libyaml as an invalid escape, "
-                   "and read as two lone surrogates by the pure-Python loader")
 def test_json_escaped_astral_characters_are_read_as_written():
     raw = json.dumps({"vLLMLoRAConfig": {"ensureExist": {"models": [{"id": "a\U0001f600", "source": "/s"}]}}})
     desired = check_parse(raw.encode())
@@ -375,10 +370,6 @@ BAD_SCALARS = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason="sidecar bug: parse_config lets ValueError/AttributeError/KeyError/IndexError "
-                   "from PyYAML's constructors escape (e.g. `name: 2024-13-45`), and ValueError from repr() of an "
-                   "integer past 4300 digits in the schema's messages (`port: 0x` + 4000 hex digits); the running "
-                   "sidecar exits 1")
 @examples()
 @example(where="name", scalar="2024-13-45", wrap=False)
 @given(where=st.sampled_from(("name", "host", "port", "id", "source", "key", "top")),
@@ -477,8 +468,6 @@ def test_alias_bombs_and_deep_nesting_are_refused_fast(shape, where):
     assert timed_parse(inside(text, where).encode()) < BOMB_SECONDS
 
 
-@pytest.mark.xfail(strict=True, reason="sidecar bug: YAML merge keys expand before the node budget is checked; "
-                   "20 levels (560 bytes) take ~2.5 s, 30 levels hours")
 @examples(deadline=timedelta(seconds=BOMB_SECONDS))
 @example(levels=20, fanout=2, where="top")
 @given(levels=st.integers(1, 20), fanout=st.integers(2, 4), where=WHERE)
@@ -531,16 +520,6 @@ BIG_FILES = {
     "1 MiB of 100k keys": lambda: b"".join(b"k%d: 1\n" % i for i in range(110_000))[:MIB],
     "merge-key bomb, 30 levels": lambda: merge_key_bomb(30, 2).encode(),
 }
-CRASHES = "libyaml's composer recurses in C: the process dies of SIGSEGV (a sidecar dies the same way, in a loop)"
-KNOWN_BAD = {
-    "deep flow sequence, 100k levels": CRASHES,
-    "deep flow mapping, 100k levels": CRASHES,
-    "1 MiB of '['": CRASHES,
-    "1 MiB of '- '": CRASHES,
-    "1 MiB flow list of 500k items": "the whole file is built (~4 s, ~190 MB) before the 100k-value budget is checked",
-    "1 MiB of 100k keys": "the whole file is built (~2 s, ~95 MB) before the 100k-value budget is checked",
-    "merge-key bomb, 30 levels": "merge keys expand exponentially before any budget is checked",
-}
 CHILD = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
@@ -565,8 +544,7 @@ print(f"seconds {seconds}\\nrss_growth {status('VmHWM:') - before}", flush=True)
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=f"sidecar bug: {KNOWN_BAD[n]}"))
-     if n in KNOWN_BAD else n for n in BIG_FILES],
+    list(BIG_FILES),
 )
 def test_files_up_to_the_size_cap_are_read_safely(name):
     raw = BIG_FILES[name]()
@@ -898,10 +876,6 @@ def test_reconcile_never_raises_and_never_unloads_what_the_config_keeps(desireds
         assert not (result.error or "").startswith("internal error"), result.error
 
 
-@pytest.mark.xfail(strict=True, reason="sidecar bug: a JSON body nested deeper than Python's recursion limit "
-                   "raises RecursionError (not ValueError) through VLLMClient: from /v1/models the cycle ends in "
-                   "the catch-all; from a load/unload answer it kills the sending thread, so the adapter is "
-                   "neither recorded nor backed off and the exception goes to stderr")
 @pytest.mark.parametrize("route", ["models", "load"])
 def test_a_deeply_nested_json_answer_is_an_ordinary_failure(route):
     deep = Answer(500 if route == "load" else 200, b'{"error":' + DEEP_JSON, "application/json")
