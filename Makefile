@@ -5,7 +5,7 @@ VLLM_VENV ?= .venv-vllm
 BIN := $(VENV)/bin
 MODELS := .e2e/models
 
-.PHONY: help venv install install-dev lint test unit process e2e e2e-env models demo bench faults soak clean
+.PHONY: help venv install install-dev lint test unit process e2e e2e-env models demo bench faults clean
 
 help:
 	@echo "make test     lint + unit + process + real-vLLM end-to-end tests (E2E=0 skips e2e outside CI)"
