@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from sidecar_process import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDECAR_IMAGE = "lora-sidecar"
@@ -306,12 +307,6 @@ def test_service_routes_to_vllm(
 
 
 # ------------------------------------------------------------------ the config
-
-
-def clean_env() -> dict[str, str]:
-    return {
-        k: v for k, v in os.environ.items() if not k.startswith("LORA_SIDECAR_") and k != "DYNAMIC_LORA_ROLLOUT_CONFIG"
-    }
 
 
 def test_configmap_config_validates() -> None:
