@@ -16,12 +16,15 @@ RUN --mount=type=bind,source=requirements.txt,target=/tmp/requirements.txt \
     pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore -r /tmp/requirements.txt
 
 ENV PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONPATH=/app
 
 # sidecar.py loads validation.yaml from its own folder, so both go to /app.
-# Root owns them; the process only reads them.
+# Root owns them; the process only reads them. Compiled here, once, for the
+# same reason as the packages: nothing can write a cache at run time.
 WORKDIR /app
 COPY sidecar.py validation.yaml /app/
+RUN python -m compileall -q /app/sidecar.py
 
 # A numeric user, so that Kubernetes' runAsNonRoot can check it without /etc/passwd.
 USER 65532:65532
@@ -29,4 +32,7 @@ USER 65532:65532
 # /metrics, /healthz, /readyz, /status (--metrics-port).
 EXPOSE 8080
 
-ENTRYPOINT ["python", "/app/sidecar.py"]
+# As a module, not as `python /app/sidecar.py`: CPython keeps a script's whole
+# syntax tree in memory for as long as the script runs (3 MB of a ~38 MB process),
+# while a module's compiled code comes from the .pyc above.
+ENTRYPOINT ["python", "-m", "sidecar"]

@@ -38,6 +38,7 @@ from sidecar import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent / "tests"))
+from fake_vllm import model_card
 from kubelet import KubeletConfigDir
 
 URL = "http://vllm.test:8000"
@@ -410,6 +411,52 @@ def test_model_list_that_is_not_json_is_a_server_error(client, mocked):
         client.server_state()
 
 
+def vllm_list(adapters: dict[str, str], created: int) -> bytes:
+    """A list as vLLM writes it: compact, every `created` and permission id new on each answer."""
+    cards = [model_card(BASE, BASE_ROOT, None, 128, created)]
+    cards += [model_card(name, root, BASE, None, created) for name, root in adapters.items()]
+    return json.dumps({"object": "list", "data": cards}, separators=(",", ":")).encode()
+
+
+def states_of(client, mocked, *bodies: bytes) -> list[ServerState]:
+    for body in bodies:
+        mocked.get(MODELS, body=body, content_type="application/json")
+    return [client.server_state() for _ in bodies]
+
+
+def test_a_list_that_changed_only_in_its_stamps_is_not_decoded_again(client, mocked):
+    first, second = states_of(client, mocked, vllm_list({"a1": "/a/1"}, 100), vllm_list({"a1": "/a/1"}, 101))
+    assert second is first
+
+
+@pytest.mark.parametrize(("before", "after"), [
+    ({"a1": "/a/1"}, {"a1": "/a/1", "a2": "/a/2"}),  # an adapter appeared
+    ({"a1": "/a/1", "a2": "/a/2"}, {"a1": "/a/1"}),  # one went (a vLLM restart looks like this)
+    ({"a1": "/a/1"}, {"a1": "/a/1v2"}),  # a new version
+    ({"modelperm-0a": "/a/1"}, {"modelperm-0b": "/a/1"}),  # ids that look like permission ids
+])
+def test_every_change_to_the_adapters_is_seen_though_all_stamps_changed_too(client, mocked, before, after):
+    _, state = states_of(client, mocked, vllm_list(before, 100), vllm_list(after, 101))
+    assert dict(state.adapters) == after
+
+
+def test_a_broken_copy_of_a_good_list_is_still_an_error(client, mocked):
+    good = vllm_list({"a1": "/a/1"}, 100)
+    mocked.get(MODELS, body=good, content_type="application/json")
+    mocked.get(MODELS, body=good + b'"created":1', content_type="application/json")
+    client.server_state()
+    with pytest.raises(ServerError, match="unexpected body"):
+        client.server_state()
+
+
+def test_another_server_is_read_afresh(client, mocked):
+    body = vllm_list({"a1": "/a/1"}, 100)
+    first = states_of(client, mocked, body)[0]
+    client.use_server("http://other.test:8000")
+    mocked.get("http://other.test:8000/v1/models", body=body, content_type="application/json")
+    assert client.server_state() is not first
+
+
 def test_model_list_5xx_is_a_server_error(client, mocked):
     mocked.get(MODELS, status=500, json=vllm_error("boom", 500))
     with pytest.raises(ServerError, match="answered 500: boom"):
@@ -648,6 +695,28 @@ def test_connection_error_mid_cycle_ends_it_without_guessing(client, mocked):
     assert 1 <= sum(1 for c in mocked.calls if c.request.url == LOAD) <= sidecar.MAX_REQUESTS_IN_FLIGHT
     assert r.server_up is False
     assert all(record.failures == 0 for record in r.records.values())  # the adapters are not to blame
+
+
+def test_an_unexpected_error_in_one_load_is_logged_and_retried_without_stopping_the_others(
+        client, mocked, monkeypatch, caplog):
+    mocked.get(MODELS, json=models_body())
+    mocked.post(LOAD, body="Success")
+    real_load = client.load
+
+    def load(adapter, inplace=False):
+        if adapter.id == "bad":
+            raise KeyError("a bug")
+        return real_load(adapter, inplace)
+
+    monkeypatch.setattr(client, "load", load)
+    r = reconciler(client)
+    with caplog.at_level(logging.ERROR, logger="lora-sidecar"):
+        result = r.reconcile(desired_for(Adapter("bad", "/adapters/bad"), A1, A2))
+    assert result.completed and not result.in_sync
+    assert r.records["a1"].state == r.records["a2"].state == "loaded"
+    assert r.records["bad"].state == "failed" and r.records["bad"].retry_at is not None
+    assert "KeyError" in r.records["bad"].last_error
+    assert any(rec.getMessage() == "unexpected error" and rec.exc_info for rec in caplog.records)
 
 
 def test_timed_out_load_is_blamed_so_the_others_go_first_next_time(client, mocked):

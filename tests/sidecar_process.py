@@ -197,13 +197,17 @@ class Sidecar:
         fast: bool = True,
         cwd: str | os.PathLike[str] | None = None,
         script: str | os.PathLike[str] | None = None,
+        as_module: bool = False,
     ) -> None:
-        """`script`: the sidecar.py to run, SIDECAR (SIDECAR_SCRIPT or the repo's) unless given."""
+        """`script`: the sidecar.py to run, SIDECAR (SIDECAR_SCRIPT or the repo's) unless given.
+        `as_module`: run it the way the image does, `python -m sidecar` from the script's folder."""
         self.metrics_port = free_port() if metrics_port is None else metrics_port
         flags = [*(FAST_FLAGS if fast else ()), "--metrics-port", str(self.metrics_port)]
-        self.argv = [PYTHON, str(script or SIDECAR), *flags, *map(str, args)]
+        script = Path(script or SIDECAR)
+        program = ["-m", script.stem] if as_module else [str(script)]
+        self.argv = [PYTHON, *program, *flags, *map(str, args)]
         self.env = clean_env(env)
-        self.cwd = cwd
+        self.cwd = script.parent if as_module else cwd
         self.proc: subprocess.Popen[str] | None = None
         self.log: list[LogLine] = []
         self.out: list[LogLine] = []

@@ -152,7 +152,7 @@ def sidecar_args(sidecar: Any, sidecar_container: dict[str, Any], monkeypatch: p
         if "value" in var:
             monkeypatch.setenv(var["name"], var["value"])
     command = sidecar_container.get("command", [])
-    assert not command, "command would replace the image's ENTRYPOINT (python /app/sidecar.py)"
+    assert not command, "command would replace the image's ENTRYPOINT (python -m sidecar)"
     args = [str(a) for a in sidecar_container.get("args", [])]
     try:
         return sidecar.build_parser().parse_args(args)
@@ -335,8 +335,13 @@ def test_dockerfile_user_is_numeric_non_root(sidecar_container: dict[str, Any]) 
 
 def test_image_holds_sidecar_and_schema_side_by_side() -> None:
     entrypoint = [json.loads(args) for op, args in dockerfile_instructions() if op == "ENTRYPOINT"]
-    assert entrypoint and entrypoint[-1] == ["python", "/app/sidecar.py"]
-    app = PurePosixPath(entrypoint[-1][1]).parent
+    assert entrypoint and entrypoint[-1] == ["python", "-m", "sidecar"]
+    env = " ".join(args for op, args in dockerfile_instructions() if op == "ENV")
+    app = PurePosixPath("/app")
+    assert f"PYTHONPATH={app}" in env, "python -m sidecar must find the module whatever the working directory"
+    runs = [args for op, args in dockerfile_instructions() if op == "RUN"]
+    assert any(re.search(rf"compileall\b.*\s{app}/sidecar\.py", run) for run in runs), \
+        "the image should carry sidecar.py compiled: its root file system is read-only"
     copied = {}
     for sources, dest in copies():
         for source in sources:
@@ -348,6 +353,24 @@ def test_image_holds_sidecar_and_schema_side_by_side() -> None:
     assert set(copied) == {"sidecar.py", "validation.yaml"}, "the image should carry only these two files"
     for source in copied:
         assert dockerignore_allows(source), f".dockerignore keeps {source} out of the build context"
+
+
+def test_image_entrypoint_runs_the_compiled_module_from_any_folder(tmp_path: Path) -> None:
+    """What the Dockerfile does, on this machine: the two files in an app folder, compiled, and
+    `python -m sidecar` started elsewhere with PYTHONPATH pointing at the app folder."""
+    app = tmp_path / "app"
+    app.mkdir()
+    for name in ("sidecar.py", "validation.yaml"):
+        shutil.copy2(ROOT / name, app / name)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(app / "sidecar.py")], check=True, timeout=60)
+    (app / "__pycache__").chmod(0o555)  # read-only, as in the image
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "--validate", "--config", str(ROOT / "configmap.yaml")],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env=clean_env({"PYTHONPATH": str(app), "PYTHONDONTWRITEBYTECODE": "1"}), check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "valid: " in result.stdout, result.stdout
 
 
 def test_image_installs_the_pinned_requirements() -> None:

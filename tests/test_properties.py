@@ -890,6 +890,83 @@ def test_a_deeply_nested_json_answer_is_an_ordinary_failure(route):
         assert any(c.route == "load" and c.body["lora_name"] == "b" for c in server.calls), "b was never tried"
 
 
+# ------------------------------------------------------------------ the model list's fast path
+# The client skips decoding a model list that differs from the last one only in vLLM's volatile
+# fields (`created`, permission ids). Whatever the answers, what it reports must be what a fresh
+# decoding of each answer says: a change hidden by the fast path would leave an adapter unloaded.
+
+CARD_NAMES = (*POOL, "modelperm-0a", "modelperm-0b", "model_permission", 'q"uote', "created")
+CARD_PATHS = (*SOURCES, None, "/models/base", '/p/"created":1')
+
+
+def vllm_body(cards: list[tuple[str, str | None, str | None]], stamp: int, compact: bool = True) -> bytes:
+    """A list as vLLM writes it: each card with `created` and a permission whose id is new per answer."""
+    data = [{"id": name, "object": "model", "created": stamp, "owned_by": "vllm", "root": root, "parent": parent,
+             "max_model_len": None, "permission": [{"id": f"modelperm-{stamp:032x}", "object": "model_permission",
+                                                   "created": stamp, "group": None}]}
+            for name, root, parent in cards]
+    return json.dumps({"object": "list", "data": data}, separators=(",", ":") if compact else None).encode()
+
+
+CARDS = st.lists(st.tuples(st.sampled_from(CARD_NAMES), st.sampled_from(CARD_PATHS),
+                           st.sampled_from(("base", None))), max_size=5)
+
+
+STAMPS = st.sampled_from((0, 7, 1_795_840_356, 1_795_840_357))  # one-digit `created` values can be cut away
+VOLATILE_EDGES = re.compile(rb'"created":|modelperm-')
+FRAGMENTS = (b"0", b"5", b"a", b"]}", b'"created":1', b'"created":0', b'"permission":[{"id":"modelperm-1"', b"")
+
+
+@st.composite
+def model_list_sequences(draw: st.DrawFn) -> list[bytes]:
+    """A few answers in a row: the same list re-stamped, one root or id changed, another list,
+    a copy with a fragment slipped in at any byte, any answer at all."""
+    cards = draw(CARDS)
+    bodies = []
+    for _ in range(draw(st.integers(2, 5))):
+        stamp, kind = draw(STAMPS), draw(st.integers(0, 9))
+        if cards and kind in (3, 4):
+            i = draw(st.integers(0, len(cards) - 1))
+            name, root, parent = cards[i]
+            cards = [*cards[:i], (draw(st.sampled_from(CARD_NAMES)), root, parent) if kind == 4
+                     else (name, draw(st.sampled_from(CARD_PATHS)), parent), *cards[i + 1:]]
+        elif kind in (5, 6):
+            cards = draw(CARDS)
+        body = vllm_body(cards, stamp, compact=kind != 5)
+        if kind in (7, 8):
+            # Anywhere, or at the edge of a volatile field, where a slip would be hardest to see.
+            edges = [m.end() + d for m in VOLATILE_EDGES.finditer(body) for d in (-1, 0, 1)]
+            cut = draw(st.sampled_from(edges) if edges and draw(BOOLS) else st.integers(0, len(body)))
+            body = body[:cut] + draw(st.sampled_from(FRAGMENTS)) + body[cut + (kind == 8):]
+        bodies.append(draw(model_list_answers()).body if kind == 9 else body)
+    return bodies
+
+
+def fresh_view(body: bytes) -> tuple[Any, ...] | None:
+    try:
+        state = parse_model_list(json.loads(body))
+    except (ValueError, RecursionError):
+        return None
+    return state.base_models, state.base_model_roots, dict(state.adapters)
+
+
+@examples()
+@given(bodies=model_list_sequences())
+def test_the_client_reports_each_model_list_as_a_fresh_decoding_would(bodies):
+    client = VLLMClient(requests.Session(), 1.0)
+    client.base_url = URL
+    with responses.RequestsMock() as mock:
+        for body in bodies:
+            mock.get(MODELS, body=body, content_type="application/json")
+        for body in bodies:
+            try:
+                state = client.server_state()
+                seen = state.base_models, state.base_model_roots, dict(state.adapters)
+            except sidecar.ServerError:
+                seen = None
+            assert seen == fresh_view(body), body
+
+
 # ------------------------------------------------------------------ (c) plan
 
 
