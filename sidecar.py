@@ -839,8 +839,9 @@ class Reconciler:
                     results[index] = Sent(e, clock() - started)
                     stopped.set()
                 except Exception as e:  # a bug costs this adapter a retry, not the thread and the others
-                    log.exception("unexpected error", extra={"fields": self._fields(action, clock() - started)})
-                    results[index] = Sent(Outcome(False, f"internal error: {e!r}"), clock() - started)
+                    seconds = clock() - started
+                    log.exception("unexpected error", extra={"fields": self._fields(action, seconds)})
+                    results[index] = Sent(Outcome(False, f"internal error: {e!r}"), seconds)
 
         workers = [threading.Thread(target=worker, daemon=True)
                    for _ in range(min(MAX_REQUESTS_IN_FLIGHT, len(actions)))]

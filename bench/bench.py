@@ -190,9 +190,9 @@ def proc_cpu(pid: int) -> CpuSample:
 class BenchSidecar(Sidecar):
     """tests/sidecar_process.Sidecar with the bench's command line: run as the image runs it
     (`python -m sidecar`), with the sidecar's own defaults (no FAST_FLAGS) but for the config, the
-    reconcile period, the log format and the metrics address; plus
-    when it was started and /proc readings of its CPU time and RSS. Leaving the `with` block sends
-    SIGTERM and keeps the exit code and the seconds the sidecar took to exit."""
+    reconcile period, the log format and the metrics address; plus when it was started and /proc
+    readings of its CPU time and RSS. Leaving the `with` block sends SIGTERM and keeps the exit code
+    and the seconds the sidecar took to exit."""
 
     def __init__(self, config: Path, period: float, *, log_format: str = "text") -> None:
         super().__init__(["--config", config, "--reconcile-trigger", period, "--metrics-address", "127.0.0.1",
