@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import argparse
 import enum
+import errno
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,6 +59,12 @@ MAX_MESSAGE_CHARS = 300
 # vLLM takes calls for different adapters at once and applies them one by one; a few in
 # flight hide each round trip behind the engine's own work.
 MAX_REQUESTS_IN_FLIGHT = 4
+# A new version is first loaded under this name (`<id>~staging`), so that the serving version is
+# unloaded only once the new files are known to load.
+STAGING_SUFFIX = "~staging"
+# vLLM <= 0.32 keeps `load_inplace` on the stored request and re-reads the adapter's files on every
+# engine step that uses it (vllm/lora/worker_manager.py); 0.33 resets the flag after the load.
+INPLACE_SAFE_FROM = (0, 33)
 # vLLM stamps every answer to GET /v1/models with a new `created` time and new permission ids,
 # neither of which the sidecar reads. With both set to 0, an unchanged list is byte-equal to the
 # last one and needs no JSON decoding, which is most of an idle cycle at 1000 adapters. Only a
@@ -82,13 +92,18 @@ ADAPTER_STATE = ("lora_sidecar_adapter_state", "One-hot state of each adapter na
 LEGACY_ADAPTER_STATUS = ("lora_syncer_adapter_status",
                          "1 when the adapter is loaded (kept for dashboards built for the original lora-syncer).")
 OPERATIONS = prom.Counter(
-    "lora_sidecar_operations", "Load, reload and unload requests sent.", ["op", "result"]
+    "lora_sidecar_operations", "Load, reload and unload actions, by result (success, error, timeout, unreachable).",
+    ["op", "result"],
 )
 OPERATION_SECONDS = prom.Histogram(
     "lora_sidecar_operation_duration_seconds",
-    "Duration of load, reload and unload requests.",
+    "Duration of load, reload and unload actions, whatever their result.",
     ["op"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+)
+HTTP_REQUESTS = prom.Counter(
+    "lora_sidecar_http_requests", "Every HTTP request sent to vLLM, by route and answer (status code, timeout, error).",
+    ["route", "code"],
 )
 RECONCILES = prom.Counter("lora_sidecar_reconcile", "Reconcile cycles.", ["result"])
 RECONCILE_SECONDS = prom.Histogram(
@@ -101,6 +116,17 @@ CONFIG_LAST_CHANGE = prom.Gauge(
 )
 SERVER_UP = prom.Gauge("lora_sidecar_server_up", "1 when the vLLM server answered its last call.")
 IN_SYNC = prom.Gauge("lora_sidecar_in_sync", "1 when the server matched the config after the last cycle.")
+
+# Secrets (the API key) never leave the process: every log line, /status, /metrics and printed
+# plan goes through mask(). Set once at start.
+SECRETS: list[str] = []
+
+
+def mask(text: str) -> str:
+    for secret in SECRETS:
+        text = text.replace(secret, "***")
+    return text
+
 
 # One clock for every decision; wall time is derived from it for display.
 clock: Callable[[], float] = time.monotonic
@@ -143,6 +169,7 @@ class DesiredState:
     ensure_exist: tuple[Adapter, ...] = ()
     ensure_not_exist: tuple[Adapter, ...] = ()
     sha256: str = ""
+    key: str | None = None  # the ConfigMap data key it came from, when the file was a whole manifest
 
     @property
     def server_url(self) -> str:
@@ -202,6 +229,7 @@ class Settings:
     metrics_port: int
     metrics_address: str
     request_timeout: float
+    load_timeout: float = 600.0
     api_key: str | None = field(default=None, repr=False)
     log_level: str = "info"
     log_format: str = "text"
@@ -209,7 +237,8 @@ class Settings:
 
     @property
     def alive_window(self) -> float:
-        # A cycle can block for one request timeout; allow for it on top of 3 periods.
+        # How long the loop may go without progress: 3 periods and one quick call. A call still
+        # within its own timeout (a load may take minutes) extends it; see Liveness.
         return 3 * self.reconcile_period + self.request_timeout
 
 
@@ -225,9 +254,43 @@ class ConfigError(Exception):
 
 
 @cache
-def config_schema() -> dict[str, Any]:
+def config_schema(strict: bool = True) -> dict[str, Any]:
+    """validation.yaml; not strict (--no-config-validation) lets unknown keys pass, nothing else."""
     with SCHEMA_PATH.open(encoding="utf-8") as f:
-        return yaml.safe_load(f)
+        schema = yaml.safe_load(f)
+    if not strict:
+        stack = [schema]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                node.pop("additionalProperties", None)
+                stack.extend(node.values())
+    return schema
+
+
+# The formats validation.yaml names; jsonschema checks only formats it is given.
+FORMATS = jsonschema.FormatChecker(())
+
+
+@FORMATS.checks("printable")
+def is_printable(value: object) -> bool:
+    """No control, format or unpaired surrogate characters: they would forge log lines or break a scrape."""
+    return not isinstance(value, str) or value.isprintable()
+
+
+@FORMATS.checks("host")
+def is_host(value: object) -> bool:
+    """A host name or an IP address; an IPv6 address bare or in brackets. No scheme, path or port."""
+    if not isinstance(value, str):
+        return True
+    inner = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    if ":" in inner:
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            return False
+        return True
+    return inner == value and re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9._-]*[A-Za-z0-9_])?", value) is not None
 
 
 def schema_default(key: str) -> Any:
@@ -260,20 +323,24 @@ def _read_bytes(path: Path) -> bytes:
 
 def parse_config(raw: bytes, label: str, validate_schema: bool = True) -> DesiredState:
     document = _parse_yaml(raw, label)
+    key = None
     if isinstance(document, dict) and document.get("kind") == "ConfigMap":
-        label, document = _unwrap_configmap(document, label)
-    errors = _schema_errors(document, label) if validate_schema else []
+        key, document = _unwrap_configmap(document, label)
+        label = f"{label} ({key})"
+    errors = _schema_errors(document, label, strict=validate_schema)
     if errors:
         raise ConfigError(errors)
     desired = _build_desired_state(document, label)
-    return replace(desired, sha256=hashlib.sha256(raw).hexdigest())
+    return replace(desired, sha256=hashlib.sha256(raw).hexdigest(), key=key)
 
 
 def _parse_yaml(raw: bytes | str, label: str) -> Any:
     if not raw.strip():
         raise ConfigError([f"{label}: the file is empty; expected a {CONFIG_KEY} document"])
     try:
-        document = json.loads(raw)  # JSON is YAML; json reads escaped astral characters right
+        # JSON is YAML; json reads escaped astral characters right. A duplicate key goes on to the
+        # YAML reader, which names both lines.
+        document = json.loads(raw, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError):
         document = _load_yaml(raw, label)
     _check_bounds(document, label)
@@ -295,14 +362,35 @@ def _load_yaml(raw: bytes | str, label: str) -> Any:
         raise ConfigError([f"{label}: invalid YAML: {type(e).__name__}: {_short(str(e))}"]) from None
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise ValueError("duplicate key")
+    return dict(pairs)
+
+
+@dataclass
+class _Open:
+    """A collection being read from the event stream."""
+
+    anchor: str | None
+    start: int  # the value count where it began
+    keys: dict[str, int] | None  # a mapping's keys read so far -> line; None for a sequence
+    at_key: bool = True  # a mapping's next node is a key
+
+
 def _check_events(raw: bytes | str, label: str) -> None:
     """Bound depth and expanded size on the parser's event stream, before anything is built:
     building first would let a merge-key or alias bomb, or deep nesting, exhaust time, memory
-    or (in libyaml's composer) the C stack."""
-    depth = total = 0
+    or (in libyaml's composer) the C stack. Also refuse a key written twice in one mapping,
+    which YAML readers settle silently by keeping the last."""
+    total = 0
     sizes: dict[str, int] = {}  # anchor -> how many values it stands for
-    starts: list[tuple[str | None, int]] = []
+    stack: list[_Open] = []
     for event in yaml.parse(raw, Loader=SAFE_LOADER):
+        parent = stack[-1] if stack else None
+        if parent and parent.keys is not None and isinstance(event, yaml.NodeEvent) and parent.at_key:
+            _check_key(parent.keys, event, label)
         if isinstance(event, yaml.AliasEvent):
             total += sizes.get(event.anchor, 1)
         elif isinstance(event, yaml.ScalarEvent):
@@ -310,17 +398,31 @@ def _check_events(raw: bytes | str, label: str) -> None:
             if event.anchor:
                 sizes[event.anchor] = 1
         elif isinstance(event, yaml.CollectionStartEvent):
-            total, depth = total + 1, depth + 1
-            starts.append((event.anchor, total))
-            if depth > MAX_CONFIG_DEPTH:
+            total += 1
+            stack.append(_Open(event.anchor, total, {} if isinstance(event, yaml.MappingStartEvent) else None))
+            if len(stack) > MAX_CONFIG_DEPTH:
                 raise ConfigError([f"{label}: the document nests deeper than {MAX_CONFIG_DEPTH} levels"])
+            continue
         elif isinstance(event, yaml.CollectionEndEvent):
-            depth -= 1
-            anchor, start = starts.pop()
-            if anchor:
-                sizes[anchor] = total - start + 1
+            closed = stack.pop()
+            if closed.anchor:
+                sizes[closed.anchor] = total - closed.start + 1
+            parent = stack[-1] if stack else None
+        else:
+            continue
+        if parent and parent.keys is not None:
+            parent.at_key = not parent.at_key  # a whole node was read: key, then value
         if total > MAX_CONFIG_NODES:
             raise ConfigError([f"{label}: the document expands to more than {MAX_CONFIG_NODES} values"])
+
+
+def _check_key(keys: dict[str, int], event: yaml.NodeEvent, label: str) -> None:
+    if not isinstance(event, yaml.ScalarEvent) or event.value == "<<":  # merge keys may repeat
+        return
+    line = event.start_mark.line + 1
+    if event.value in keys:
+        raise ConfigError([f"{label}: duplicate key {event.value!r} at lines {keys[event.value]} and {line}"])
+    keys[event.value] = line
 
 
 def _check_bounds(document: Any, label: str) -> None:
@@ -347,21 +449,25 @@ def _check_bounds(document: Any, label: str) -> None:
 
 
 def _unwrap_configmap(manifest: dict[str, Any], label: str) -> tuple[str, Any]:
-    """Accept the very manifest `kubectl apply` takes: pick the data key that holds our document."""
+    """Accept the very manifest `kubectl apply` takes: the data key that holds our document, or,
+    where several do, the one named like the file (as it would be mounted)."""
     data = manifest.get("data")
     if not isinstance(data, dict) or not data:
         raise ConfigError([f"{label}: data: a ConfigMap must have a data mapping holding a {CONFIG_KEY} document"])
-    keys = sorted(data, key=lambda k: (k != "configmap.yaml", k))
-    for key in keys:
-        value = data[key]
-        if isinstance(value, str) and CONFIG_KEY in value:
-            inner_label = f"{label} (data.{key})"
-            return inner_label, _parse_yaml(value, inner_label)
-    raise ConfigError([f"{label}: data: no key holds a {CONFIG_KEY} document (keys: {', '.join(map(str, keys))})"])
+    holders = sorted(k for k, v in data.items() if isinstance(v, str) and CONFIG_KEY in v)
+    if len(holders) > 1:
+        holders = [k for k in holders if k == Path(label).name] or holders
+    if len(holders) > 1:
+        raise ConfigError([f"{label}: data: keys {' and '.join(holders)} both hold a {CONFIG_KEY} document; "
+                           f"name the one to use like the file ({Path(label).name})"])
+    if not holders:
+        raise ConfigError([f"{label}: data: no key holds a {CONFIG_KEY} document (keys: {', '.join(sorted(data))})"])
+    key = f"data.{holders[0]}"
+    return key, _parse_yaml(data[holders[0]], f"{label} ({key})")
 
 
-def _schema_errors(document: Any, label: str) -> list[str]:
-    validator = jsonschema.Draft202012Validator(config_schema())
+def _schema_errors(document: Any, label: str, strict: bool = True) -> list[str]:
+    validator = jsonschema.Draft202012Validator(config_schema(strict), format_checker=FORMATS)
     errors: list[str] = []
     for error in sorted(validator.iter_errors(document), key=lambda e: [str(p) for p in e.absolute_path]):
         errors.extend(f"{label}: {text}" for text in _describe_schema_error(error))
@@ -383,6 +489,14 @@ def _describe_schema_error(error: jsonschema.ValidationError) -> Iterator[str]:
         yield f"{field_path(path)}: expected {error.validator_value}, got {_short(instance)}"
     elif error.validator == "minLength":
         yield f"{field_path(path)}: must not be empty"
+    elif error.validator == "maxLength":
+        yield f"{field_path(path)}: longer than {error.validator_value} characters ({len(instance)})"
+    elif error.validator == "format" and error.validator_value == "printable":
+        yield (f"{field_path(path)}: must be printable text: no control characters (newline, tab, escape), "
+               f"no unpaired surrogates; got {json.dumps(_short(instance))}")
+    elif error.validator == "format" and error.validator_value == "host":
+        yield (f"{field_path(path)}: expected a host name or IP address, got {_short(instance)!r}; "
+               "put the scheme in `scheme` and the port in `port`")
     else:
         yield f"{field_path(path)}: {_short(error.message)}"
 
@@ -395,23 +509,19 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _build_desired_state(document: Any, label: str) -> DesiredState:
-    """Turn a parsed document into a DesiredState. Shape checks repeat the schema's essentials
-    so that `--no-config-validation` still fails with a ConfigError, never a crash."""
-    top = _expect(document, dict, [], label)
-    body = _expect(top.get(CONFIG_KEY), dict, [CONFIG_KEY], label)
+def _build_desired_state(document: dict[str, Any], label: str) -> DesiredState:
+    """Turn a document the schema accepted into a DesiredState; the rule the schema cannot state
+    (an id named once across both lists) is checked here."""
+    body = document[CONFIG_KEY]
     default_base = body.get("defaultBaseModel")
-    entries = _entries(body, "ensureExist", default_base, label) + _entries(body, "ensureNotExist", default_base, label)
+    entries = _entries(body, "ensureExist", default_base) + _entries(body, "ensureNotExist", default_base)
     _check_unique(entries, label)
-    scheme = body.get("scheme", schema_default("scheme"))
-    if scheme not in ("http", "https"):
-        raise ConfigError([f"{label}: {CONFIG_KEY}.scheme: expected http or https, got {_short(scheme)}"])
     return DesiredState(
-        host=str(body.get("host", schema_default("host"))),
-        port=_expect_port(body.get("port", schema_default("port")), label),
-        scheme=scheme,
-        name=str(body.get("name") or ""),
-        default_base_model=default_base if isinstance(default_base, str) else None,
+        host=body.get("host", schema_default("host")).removeprefix("[").removesuffix("]"),
+        port=int(body.get("port", schema_default("port"))),  # JSON Schema counts 8000.0 as an integer
+        scheme=body.get("scheme", schema_default("scheme")),
+        name=body.get("name") or "",
+        default_base_model=default_base,
         ensure_exist=tuple(entry.adapter for entry in entries if not entry.remove),
         ensure_not_exist=tuple(entry.adapter for entry in entries if entry.remove),
     )
@@ -426,23 +536,15 @@ class Entry:
     remove: bool
 
 
-def _entries(body: dict[str, Any], key: str, default_base: Any, label: str) -> list[Entry]:
+def _entries(body: dict[str, Any], key: str, default_base: str | None) -> list[Entry]:
     """The entries of one list in file order; `toRemove: true` marks an ensureExist entry for removal."""
-    if body.get(key) is None:
-        return []
-    where = [CONFIG_KEY, key, "models"]
-    models = _expect(_expect(body[key], dict, where[:2], label).get("models"), list, where, label)
-    entries = []
-    for index, model in enumerate(models):
-        path = [*where, index]
-        model = _expect(model, dict, path, label)
-        adapter_id = _expect_text(model.get("id"), [*path, "id"], label)
-        source = _expect_text(model.get("source"), [*path, "source"], label)
-        base = model.get("base-model") or default_base
-        adapter = Adapter(adapter_id, source, base if isinstance(base, str) else None)
-        remove = key == "ensureNotExist" or model.get("toRemove") is True
-        entries.append(Entry(field_path(path), adapter, remove))
-    return entries
+    models = (body.get(key) or {}).get("models") or []
+    return [
+        Entry(field_path([CONFIG_KEY, key, "models", index]),
+              Adapter(model["id"], model["source"], model.get("base-model") or default_base),
+              key == "ensureNotExist" or model.get("toRemove") is True)
+        for index, model in enumerate(models)
+    ]
 
 
 def _check_unique(entries: list[Entry], label: str) -> None:
@@ -458,32 +560,16 @@ def _check_unique(entries: list[Entry], label: str) -> None:
         raise ConfigError(errors)
 
 
-def _expect(value: Any, kind: type, path: list[str | int], label: str) -> Any:
-    if not isinstance(value, kind):
-        raise ConfigError([f"{label}: {field_path(path)}: expected {kind.__name__}, got {_short(value)}"])
-    return value
-
-
-def _expect_text(value: Any, path: list[str | int], label: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError([f"{label}: {field_path(path)}: expected a non-empty string, got {_short(value)}"])
-    return value
-
-
-def _expect_port(value: Any, label: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ConfigError([f"{label}: {CONFIG_KEY}.port: expected an integer 1-65535, got {_short(value)}"])
-    return value
-
-
 # ------------------------------------------------------------ the vLLM client
 
 
 class ServerUnreachable(Exception):
-    """No answer: connection refused, reset or timed out. The cycle ends; nothing is guessed."""
+    """No answer: connection refused, reset or timed out. `reason` says which, in words that stay
+    the same from one try to the next (for once-per-reason logging)."""
 
-    def __init__(self, message: str, timed_out: bool = False) -> None:
+    def __init__(self, message: str, reason: str, timed_out: bool = False) -> None:
         super().__init__(message)
+        self.reason = reason
         self.timed_out = timed_out
 
 
@@ -491,42 +577,97 @@ class ServerError(Exception):
     """An answer that stops the whole cycle: unauthorized, runtime LoRA off, a broken model list."""
 
 
+# What vLLM's answers mean for retrying (vllm-facts.md): 404 = no adapter at that path, 400 = a
+# request vLLM refuses as such, 500 = the engine could not load it (rank too big, broken files).
+# Retrying those fast helps nobody. Timeouts, 429 and 502-504 are the moment, not the adapter.
+PERMANENT_STATUSES = frozenset({400, 404, 422, 500})
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """The server's answer to one load or unload, judged."""
+    """The server's answer to one load or unload (or its absence), judged."""
 
     ok: bool
     message: str = ""
     status: int | None = None
     inplace_refused: bool = False
+    timed_out: bool = False
+
+    @property
+    def permanent(self) -> bool:
+        return not self.ok and self.status in PERMANENT_STATUSES
+
+
+class Liveness:
+    """When the sidecar last made progress, for /healthz. Every tick of the loop and every finished
+    call counts; a call under way counts until its own timeout, so a load of minutes is not a hang."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._until = clock() + window
+        self._lock = threading.Lock()
+
+    def beat(self, allowance: float = 0.0) -> None:
+        with self._lock:
+            self._until = max(self._until, clock() + allowance + self.window)
+
+    def alive(self) -> bool:
+        return clock() <= self._until
 
 
 class VLLMClient:
-    """Thin HTTP layer: one session, one timeout on every call, answers turned into outcomes."""
+    """Thin HTTP layer: one session, a timeout on every call, answers turned into outcomes."""
 
-    def __init__(self, session: requests.Session, timeout: float, api_key: str | None = None) -> None:
+    def __init__(self, session: requests.Session, timeout: float, api_key: str | None = None,
+                 load_timeout: float = 600.0, liveness: Liveness | None = None) -> None:
         self.session = session
         self.timeout = timeout
+        self.load_timeout = load_timeout
+        self.liveness = liveness or Liveness(float("inf"))
         self.base_url = ""
         self.has_api_key = bool(api_key)
         self._last_list: tuple[bytes, ServerState] | None = None  # the stable part of the last list, parsed
         if api_key:
             session.headers["Authorization"] = f"Bearer {api_key}"
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> requests.Response:
-        url = self.base_url + path
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
+              timeout: float | None = None) -> requests.Response:
+        url, timeout = self.base_url + path, timeout or self.timeout
+        self.liveness.beat(timeout)
         try:
-            return self.session.request(method, url, json=body, timeout=self.timeout)
+            response = self.session.request(method, url, json=body, timeout=timeout)
         except requests.Timeout:
-            raise ServerUnreachable(f"{method} {url}: no answer within {self.timeout:g} s", timed_out=True) from None
+            HTTP_REQUESTS.labels(path, "timeout").inc()
+            reason = f"no answer within {timeout:g} s"
+            raise ServerUnreachable(f"{method} {url}: {reason}", reason, timed_out=True) from None
         except requests.RequestException as e:
-            raise ServerUnreachable(f"{method} {url}: {type(e).__name__}: {_first_line(e)}") from None
+            HTTP_REQUESTS.labels(path, "error").inc()
+            reason = _unreachable_reason(e)
+            raise ServerUnreachable(f"{method} {url}: {reason}", reason) from None
+        finally:
+            self.liveness.beat()
+        HTTP_REQUESTS.labels(path, str(response.status_code)).inc()
+        return response
 
-    def is_healthy(self) -> bool:
+    def health(self) -> str | None:
+        """None when /health answers 200, else why not."""
         try:
-            return self._call("GET", "/health").status_code == 200
+            response = self._call("GET", "/health")
+        except ServerUnreachable as e:
+            return e.reason
+        if response.status_code == 200:
+            return None
+        return f"GET /health answered {response.status_code}: {_server_message(response) or 'no message'}"
+
+    def version(self) -> str | None:
+        """vLLM's version from GET /version (no key needed), or None if the server does not say."""
+        try:
+            response = self._call("GET", "/version")
         except ServerUnreachable:
-            return False
+            return None
+        body = _json_body(response) if response.status_code == 200 else None
+        version = body.get("version") if isinstance(body, dict) else None
+        return version if isinstance(version, str) else None
 
     def use_server(self, base_url: str) -> None:
         """Point at a server. Proxy and CA-bundle settings (HTTPS_PROXY, NO_PROXY,
@@ -552,11 +693,14 @@ class VLLMClient:
         self._last_list = stable, state
         return state
 
-    def load(self, adapter: Adapter, inplace: bool = False) -> Outcome:
+    def load(self, adapter: Adapter, inplace: bool = False, alongside: int = 1) -> Outcome:
+        """`alongside`: how many loads may be in flight with this one. The engine applies them one
+        at a time, in the order they arrive (not the order they were sent), so each may wait for all
+        the others: it gets one allowance for each and is not charged for the queue."""
         body: dict[str, Any] = {"lora_name": adapter.id, "lora_path": adapter.source}
         if inplace:
             body["load_inplace"] = True
-        response = self._call("POST", "/v1/load_lora_adapter", body)
+        response = self._call("POST", "/v1/load_lora_adapter", body, self.load_timeout * max(1, alongside))
         self._raise_for_route(response)
         message = _server_message(response)
         if response.status_code == 200:
@@ -587,6 +731,31 @@ class VLLMClient:
         self._raise_for_auth(response)
         if response.status_code == 404 and _json_body(response) == {"detail": "Not Found"}:
             raise ServerError(RUNTIME_LORA_HINT)
+
+
+def _unreachable_reason(error: requests.RequestException) -> str:
+    """Why a call got no answer, in an operator's words; the library's text follows where it helps."""
+    text = str(error)
+    if isinstance(error, requests.exceptions.SSLError):
+        return f"TLS handshake failed (is `scheme` right for this server?): {_first_line(error)}"
+    if "Failed to resolve" in text or "Name or service not known" in text or "name resolution" in text:
+        return "cannot resolve the host name"
+    if "Connection refused" in text:
+        return "connection refused"
+    if "RemoteDisconnected" in text or "Connection aborted" in text or "Connection reset" in text:
+        return "the connection was closed without an answer"
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def inplace_is_safe(version: str | None) -> bool:
+    """True where vLLM resets load_inplace after the load (0.33 and later); unknown counts as older."""
+    numbers = re.findall(r"\d+", (version or "").split("+")[0])[:2]
+    return len(numbers) == 2 and (int(numbers[0]), int(numbers[1])) >= INPLACE_SAFE_FROM
+
+
+def same_source(served: str | None, wanted: str) -> bool:
+    """Compare sources the way vLLM may report them: a trailing '/' makes no difference."""
+    return served is not None and (served.rstrip("/") or "/") == (wanted.rstrip("/") or "/")
 
 
 def parse_model_list(body: Any) -> ServerState:
@@ -650,13 +819,21 @@ def _first_line(error: BaseException) -> str:
 def plan(desired: DesiredState, server: ServerState) -> Plan:
     """The rules, with no I/O and no clock: unloads first, then reloads, then loads.
 
-    An adapter the config does not name is never touched. An adapter whose base
+    An adapter the config does not name is never touched, but for the staging copy of
+    one (`<id>~staging`) that a sidecar stopped mid-swap left behind. An adapter whose base
     model this server does not serve is skipped, so one config can serve a fleet.
     """
     unloads = [
         Action(Op.UNLOAD, adapter, "listed in ensureNotExist")
         for adapter in desired.ensure_not_exist
         if adapter.id in server.adapters
+    ]
+    named = {a.id for a in desired.ensure_exist + desired.ensure_not_exist}
+    unloads += [
+        Action(Op.UNLOAD, Adapter(adapter_id, source or ""), "a staging copy left over from a version update")
+        for adapter_id, source in server.adapters.items()
+        if adapter_id.endswith(STAGING_SUFFIX) and adapter_id[: -len(STAGING_SUFFIX)] in named
+        and adapter_id not in named
     ]
     reloads: list[Action] = []
     loads: list[Action] = []
@@ -668,7 +845,7 @@ def plan(desired: DesiredState, server: ServerState) -> Plan:
             skipped.append(Skip(adapter, f"wants base model {adapter.base_model!r}; the server serves {served}"))
         elif adapter.id not in server.adapters:
             loads.append(Action(Op.LOAD, adapter, "not loaded on the server"))
-        elif served_source is not None and served_source != adapter.source:
+        elif served_source is not None and not same_source(served_source, adapter.source):
             reloads.append(Action(Op.RELOAD, adapter, f"the server has source {served_source!r}"))
     return Plan(tuple(unloads + reloads + loads), tuple(skipped))
 
@@ -693,6 +870,9 @@ class AdapterRecord:
     last_error: str | None = None
     failures: int = 0
     retry_at: float | None = None
+    permanent: bool = False  # the last failure was the adapter's own (bad path, rank, files)
+    unconfirmed: Op | None = None  # answered 200; the next /v1/models must agree
+    doubts: int = 0  # 200s in a row that the next /v1/models did not bear out
 
     def status(self) -> dict[str, Any]:
         return {
@@ -710,9 +890,9 @@ class AdapterRecord:
 
 @dataclass(frozen=True)
 class Sent:
-    """One action's answer (or the exception that stopped it) and how long it took."""
+    """One action's answer (or the exception that stopped it, or None: not sent) and how long it took."""
 
-    result: Outcome | ServerUnreachable | ServerError
+    result: Outcome | ServerUnreachable | ServerError | None
     seconds: float
 
 
@@ -733,6 +913,8 @@ class Reconciler:
         self.health_check_timeout = health_check_timeout
         self.records: dict[str, AdapterRecord] = {}
         self.server_up: bool | None = None
+        self.server_error: str | None = None  # why the server is not up
+        self.server_version: str | None = None
         self.ready = False
         self.cycles = 0
         self.last_cycle: CycleResult | None = None
@@ -741,6 +923,7 @@ class Reconciler:
         self._started = clock()
         self._reported_error: str | None = None
         self._waiting_reported = False
+        self._skips: dict[str, str] = {}  # adapter id -> why it is not for this server, as last logged
 
     def reconcile(self, desired: DesiredState) -> CycleResult:
         """One cycle: health (only while the server is not known up), one GET /v1/models, the due actions."""
@@ -763,135 +946,181 @@ class Reconciler:
         return self.period if self.server_up else health_check_interval
 
     def _cycle(self, desired: DesiredState, now: float) -> CycleResult:
+        if not self.server_up and not self._wait_step(now):
+            return CycleResult(False, False, f"vLLM is not healthy: {self.server_error}", unreachable=True)
         try:
-            if not self.server_up and not self._wait_step(now):
-                return CycleResult(False, False, "vLLM /health does not answer 200", unreachable=True)
             server = self.client.server_state()
         except ServerUnreachable as e:
-            self._set_server_up(False, str(e))
-            return CycleResult(False, False, str(e), unreachable=True)
+            return self._unanswered(e)
         except ServerError as e:
             return CycleResult(False, False, str(e))
         the_plan = plan(desired, server)
-        self._observe(server, the_plan)
+        self._observe(server, the_plan, now)
         return self._execute(the_plan, now)
 
     def _wait_step(self, now: float) -> bool:
         """Check /health once; say so once if the server stays away past the health-check timeout."""
-        healthy = self.client.is_healthy()
-        self._set_server_up(healthy)
-        if not healthy and not self._waiting_reported and now - self._started > self.health_check_timeout:
+        reason = self.client.health()
+        if reason is None:
+            self.server_version = self.client.version()  # a restart may have brought another vLLM
+        self._set_server_up(reason is None, reason)
+        if reason and not self._waiting_reported and now - self._started > self.health_check_timeout:
             self._waiting_reported = True
             log.error(
                 "vLLM is still not healthy; waiting on",
-                extra={"fields": {"server": self.client.base_url, "waited_s": round(now - self._started)}},
+                extra={"fields": {"server": self.client.base_url, "waited_s": round(now - self._started),
+                                  "error": reason}},
             )
-        return healthy
+        return reason is None
+
+    def _unanswered(self, error: ServerUnreachable) -> CycleResult:
+        """A call got no answer. The server is down only if /health says so too; otherwise it is
+        this cycle's error, logged once, and the next try is a period away."""
+        reason = self.client.health()
+        if reason is None:
+            return CycleResult(False, False, str(error))
+        self._set_server_up(False, reason)
+        return CycleResult(False, False, str(error), unreachable=True)
 
     def _execute(self, the_plan: Plan, now: float) -> CycleResult:
-        due = [a for a in the_plan.actions if self.records[a.adapter.id].retry_at is None
-               or now >= self.records[a.adapter.id].retry_at]
+        due = [a for a in the_plan.actions if self._is_due(a, now)]
         pending = len(due) < len(the_plan.actions)  # some are still backing off
         unloads = [a for a in due if a.op is Op.UNLOAD]
         changes = [a for a in due if a.op is not Op.UNLOAD]
         for batch in (unloads, changes):  # unloads first, so their slots are free for the loads
             error: ServerUnreachable | ServerError | None = None
             for action, sent in zip(batch, self._send_all(batch), strict=True):
-                if sent is None:
-                    pending = True  # not sent: an earlier call got no answer
-                elif isinstance(sent.result, Outcome):
+                self._count(action, sent)
+                if isinstance(sent.result, Outcome):
                     pending = not self._record(action, sent.result, sent.seconds, now) or pending
                 else:
+                    pending = True
                     error = error or sent.result
-                    if isinstance(sent.result, ServerUnreachable) and sent.result.timed_out:
-                        # Blame the adapter whose load hung, so it cannot block the others forever.
-                        self._fail(self.records[action.adapter.id], action, str(sent.result), now,
-                                   self._fields(action, sent.seconds))
             if isinstance(error, ServerUnreachable):
-                self._set_server_up(False, str(error))
-                return CycleResult(False, False, str(error), unreachable=True)
+                return self._unanswered(error)
             if error:
                 return CycleResult(False, False, str(error))
-        # Ready once every loadable adapter was loaded; a permanent failure must not hold a pod back.
-        settled = ("loaded", "failed", "skipped")
-        self.ready = self.ready or all(r.state in settled for r in self.records.values() if r.desired == "present")
+        self.ready = self.ready or self._settled()
         return CycleResult(True, not pending, None)
 
-    def _send_all(self, actions: list[Action]) -> list[Sent | None]:
+    def _is_due(self, action: Action, now: float) -> bool:
+        record = self.records.get(action.adapter.id)
+        return record is None or record.retry_at is None or now >= record.retry_at
+
+    def _settled(self) -> bool:
+        """Ready: every adapter to hold is loaded, not for this server, or failed for a reason of its
+        own that waiting will not fix. A timeout or a busy server is not a reason to be ready."""
+        return all((r.state == "loaded" and r.unconfirmed is None) or r.state == "skipped"
+                   or (r.state == "failed" and r.permanent)
+                   for r in self.records.values() if r.desired == "present")
+
+    def _send_all(self, actions: list[Action]) -> list[Sent]:
         """Send up to MAX_REQUESTS_IN_FLIGHT requests at once: vLLM accepts calls for different
-        names concurrently, which hides each round trip behind the engine's own work. After
-        a call that gets no answer or stops the cycle, nothing more is sent (None)."""
-        results: list[Sent | None] = [None] * len(actions)
-        queue = iter(enumerate(actions))
-        lock = threading.Lock()
-        stopped = threading.Event()
+        names concurrently, which hides each round trip behind the engine's own work. After a
+        call that stops the cycle (no connection, unauthorized), nothing more is sent."""
+        halt = threading.Event()
 
-        def worker() -> None:
-            while not stopped.is_set():
-                with lock:
-                    index, action = next(queue, (-1, None))
-                if action is None:
-                    return
-                started = clock()
-                try:
-                    results[index] = Sent(self._send(action), clock() - started)
-                except (ServerUnreachable, ServerError) as e:
-                    results[index] = Sent(e, clock() - started)
-                    stopped.set()
-                except Exception as e:  # a bug costs this adapter a retry, not the thread and the others
-                    seconds = clock() - started
-                    log.exception("unexpected error", extra={"fields": self._fields(action, seconds)})
-                    results[index] = Sent(Outcome(False, f"internal error: {e!r}"), seconds)
+        def attempt(action: Action, width: int) -> Sent:
+            if halt.is_set():
+                return Sent(None, 0.0)
+            started = clock()
+            result: Outcome | ServerUnreachable | ServerError
+            try:
+                result = self._send(action, width)
+            except ServerUnreachable as e:
+                if e.timed_out:  # blame this adapter: a load that hangs must not block the others
+                    result = Outcome(False, str(e), timed_out=True)
+                else:
+                    result = e
+                    halt.set()
+            except ServerError as e:
+                result = e
+                halt.set()
+            except Exception as e:  # a bug costs this adapter a retry, not the others
+                log.exception("unexpected error", extra={"fields": self._fields(action, clock() - started)})
+                result = Outcome(False, f"internal error: {e!r}")
+            return Sent(result, clock() - started)
 
-        workers = [threading.Thread(target=worker, daemon=True)
-                   for _ in range(min(MAX_REQUESTS_IN_FLIGHT, len(actions)))]
-        for thread in workers:
-            thread.start()
-        for thread in workers:
-            thread.join()
-        return results
+        if not actions:
+            return []
+        width = min(MAX_REQUESTS_IN_FLIGHT, len(actions))
+        with ThreadPoolExecutor(max_workers=width) as pool:
+            return list(pool.map(attempt, actions, [width] * len(actions)))
 
-    def _send(self, action: Action) -> Outcome:
+    def _send(self, action: Action, width: int) -> Outcome:
+        adapter = action.adapter
         if action.op is Op.UNLOAD:
-            return self.client.unload(action.adapter.id)
+            return self.client.unload(adapter.id)
         if action.op is Op.LOAD:
-            return self.client.load(action.adapter)
-        outcome = self.client.load(action.adapter, inplace=True)
-        if not outcome.inplace_refused:
-            return outcome
-        # This vLLM does not know load_inplace: swap by unload then load.
-        unloaded = self.client.unload(action.adapter.id)
-        return self.client.load(action.adapter) if unloaded.ok else unloaded
+            return self.client.load(adapter, alongside=width)
+        return self._swap(adapter, width)
+
+    def _swap(self, adapter: Adapter, width: int) -> Outcome:
+        """Serve a new version without ever leaving the adapter unloaded for a version that fails.
+
+        Where vLLM resets load_inplace after the load (0.33+), an in-place load: vLLM loads the new
+        files before it drops the old ones. Elsewhere the flag would stick and slow the adapter for
+        good, so the new files are first proven under a staging name, and only then is the serving
+        version unloaded and loaded again from the new source: unserved for one load's time.
+        """
+        if inplace_is_safe(self.server_version):
+            outcome = self.client.load(adapter, inplace=True, alongside=width)
+            if not outcome.inplace_refused:
+                return outcome
+        staging = replace(adapter, id=adapter.id + STAGING_SUFFIX)
+        staged = self.client.load(staging, alongside=width)
+        if not staged.ok:
+            return replace(staged, message=f"the new version did not load; the old one keeps serving: "
+                                           f"{staged.message}")
+        self.client.unload(staging.id)
+        unloaded = self.client.unload(adapter.id)
+        return self.client.load(adapter, alongside=width) if unloaded.ok else unloaded
 
     def _fields(self, action: Action, seconds: float) -> dict[str, Any]:
         return {"adapter": action.adapter.id, "action": action.op.value, "duration_s": round(seconds, 4),
                 "reconcile_id": self.cycles}
 
+    def _count(self, action: Action, sent: Sent) -> None:
+        """Every action is counted, whatever became of it."""
+        if sent.result is None:
+            return
+        if isinstance(sent.result, Outcome):
+            result = "success" if sent.result.ok else "timeout" if sent.result.timed_out else "error"
+        else:
+            result = "unreachable" if isinstance(sent.result, ServerUnreachable) else "error"
+        OPERATIONS.labels(action.op.value, result).inc()
+        OPERATION_SECONDS.labels(action.op.value).observe(sent.seconds)
+
     def _record(self, action: Action, outcome: Outcome, seconds: float, now: float) -> bool:
         """Remember what the server answered to one action; True if it succeeded."""
-        OPERATIONS.labels(action.op.value, "success" if outcome.ok else "error").inc()
-        OPERATION_SECONDS.labels(action.op.value).observe(seconds)
-        record = self.records[action.adapter.id]
+        record = self.records.get(action.adapter.id) or AdapterRecord(action.adapter, "absent")
         record.last_action = action.op.value
         fields = self._fields(action, seconds)
         if not outcome.ok:
-            self._fail(record, action, f"{outcome.status}: {outcome.message}", now, fields)
+            error = outcome.message if outcome.timed_out else f"{outcome.status}: {outcome.message}"
+            self._fail(record, action.op, error, now, {**fields, "result": "timeout" if outcome.timed_out else "error"},
+                       permanent=outcome.permanent)
             return False
         log.info(f"{action.op.value} done: {action.adapter.id}", extra={"fields": {**fields, "result": "success"}})
-        record.failures, record.retry_at, record.last_error = 0, None, None
+        record.unconfirmed = action.op
+        if record.doubts and record.state == "failed":
+            return False  # this server answered 200 before to no effect: the failure stands until the list agrees
+        record.failures, record.retry_at, record.last_error, record.permanent = 0, None, None, False
         record.state = "absent" if action.op is Op.UNLOAD else "loaded"
         record.observed_source = None if action.op is Op.UNLOAD else action.adapter.source
         return True
 
-    def _fail(self, record: AdapterRecord, action: Action, error: str, now: float, fields: dict[str, Any]) -> None:
+    def _fail(self, record: AdapterRecord, op: Op, error: str, now: float, fields: dict[str, Any],
+              permanent: bool = False) -> None:
         record.failures += 1
         record.retry_at = now + backoff_delay(record.failures, self.period)
         record.state = "failed"
-        record.last_action = action.op.value
+        record.permanent = permanent
         if error != record.last_error:  # once per distinct error, not once per retry
             log.warning(
-                f"{action.op.value} failed: {action.adapter.id}",
-                extra={"fields": {**fields, "result": "error", "error": error, "retry_in_s": record.retry_at - now}},
+                f"{op.value} failed: {record.adapter.id}",
+                extra={"fields": {"result": "error", **fields, "error": error,
+                                  "retry_in_s": round(record.retry_at - now, 3)}},
             )
         record.last_error = error
 
@@ -907,35 +1136,62 @@ class Reconciler:
         wanted.update({a.id: (a, "absent") for a in desired.ensure_not_exist})
         for adapter_id in set(self.records) - set(wanted):
             del self.records[adapter_id]
+            self._skips.pop(adapter_id, None)
         for adapter_id, (adapter, goal) in wanted.items():
             record = self.records.get(adapter_id)
             if record is None or record.adapter != adapter or record.desired != goal:
                 self.records[adapter_id] = AdapterRecord(adapter, goal)  # a changed entry resets its backoff
 
-    def _observe(self, server: ServerState, the_plan: Plan) -> None:
-        """Set each record's state from what the server lists, before any action changes it."""
+    def _observe(self, server: ServerState, the_plan: Plan, now: float) -> None:
+        """Set each record's state from what the server lists, before any action changes it. An
+        action answered 200 that the list does not bear out is a failure, not a success."""
         skipped = {skip.adapter.id: skip.reason for skip in the_plan.skipped}
-        planned = {action.adapter.id for action in the_plan.actions}
+        planned = {action.adapter.id: action for action in the_plan.actions}
         for adapter_id, record in self.records.items():
             record.observed_source = server.adapters.get(adapter_id)
+            unconfirmed, record.unconfirmed = record.unconfirmed, None
+            self._report_skip(record, skipped.get(adapter_id))
             if adapter_id in skipped:
                 record.state, record.last_error = "skipped", skipped[adapter_id]
             elif adapter_id not in planned:
                 record.state = "loaded" if record.desired == "present" else "absent"
-                record.failures, record.retry_at, record.last_error = 0, None, None
+                record.failures, record.retry_at, record.last_error, record.permanent = 0, None, None, False
+            elif unconfirmed is not None and record.doubts >= 1:
+                # Twice in a row: a server that answers 200 and changes nothing. Once could be a
+                # restart that came between the answer and the list.
+                self._fail(record, unconfirmed, _not_borne_out(unconfirmed, record.observed_source), now,
+                           {"adapter": adapter_id, "action": unconfirmed.value, "reconcile_id": self.cycles})
             elif record.failures == 0:
                 record.state = "pending"
+            if adapter_id not in planned:
+                record.doubts = 0
+            elif unconfirmed is not None:
+                record.doubts += 1
 
-    def _set_server_up(self, up: bool, reason: str = "") -> None:
-        if up != self.server_up:
+    def _report_skip(self, record: AdapterRecord, reason: str | None) -> None:
+        """Say once why an adapter is not loaded here, and once when that no longer holds."""
+        adapter_id = record.adapter.id
+        was = self._skips.pop(adapter_id, None)
+        if reason:
+            self._skips[adapter_id] = reason
+        if reason and reason != was:
+            log.info(f"skipped: {record.adapter.id} is not for this server",
+                     extra={"fields": {"adapter": record.adapter.id, "base_model": record.adapter.base_model,
+                                       "reason": reason}})
+        elif was and not reason:
+            log.info(f"no longer skipped: {record.adapter.id}", extra={"fields": {"adapter": record.adapter.id}})
+
+    def _set_server_up(self, up: bool, reason: str | None = None) -> None:
+        if up != self.server_up or (not up and reason != self.server_error):
             fields = {"server": self.client.base_url}
             if up:
-                log.info("vLLM server is up", extra={"fields": fields})
+                log.info("vLLM server is up", extra={"fields": {**fields, "vllm_version": self.server_version}})
             elif self.server_up:
                 log.warning("vLLM server is down", extra={"fields": {**fields, "error": reason}})
             else:
-                log.info("waiting for vLLM to become healthy", extra={"fields": fields})
+                log.info("waiting for vLLM", extra={"fields": {**fields, "error": reason}})
             self.server_up = up
+        self.server_error = None if up else reason
         SERVER_UP.set(1 if up else 0)
 
     def _report_cycle_error(self, result: CycleResult) -> None:
@@ -949,11 +1205,20 @@ class Reconciler:
 
     def status(self) -> dict[str, Any]:
         return {
-            "server": {"url": self._server_url, "up": bool(self.server_up)},
+            "server": {"url": self._server_url, "up": bool(self.server_up), "version": self.server_version,
+                       "error": self.server_error},
             "in_sync": bool(self.last_cycle and self.last_cycle.in_sync),
             "last_error": self.last_cycle.error if self.last_cycle else None,
             "adapters": {adapter_id: record.status() for adapter_id, record in sorted(self.records.items())},
         }
+
+
+def _not_borne_out(op: Op, listed_source: str | None) -> str:
+    if op is Op.UNLOAD:
+        return "unload answered 200 but /v1/models still lists it"
+    if listed_source is None:
+        return f"{op.value} answered 200 but /v1/models does not list it"
+    return f"{op.value} answered 200 but /v1/models still lists source {listed_source!r}"
 
 
 # ------------------------------------------------------------------ triggers
@@ -1000,6 +1265,8 @@ class ConfigSource:
         self.last_read = clock()
         sha = hashlib.sha256(raw).hexdigest()
         if sha == self._sha_seen:
+            if self.desired and sha == self.desired.sha256:
+                self._valid_again(self.desired)  # back from a version that could not even be read
             return False
         self._sha_seen = sha
         try:
@@ -1018,18 +1285,21 @@ class ConfigSource:
         return (s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns)
 
     def _adopt(self, desired: DesiredState) -> None:
-        if self.error:
-            log.info("config is valid again", extra={"fields": {"config_sha256": desired.sha256}})
-        self.error = None
+        self._valid_again(desired)
         self.desired = desired
-        CONFIG_VALID.set(1)
         CONFIG_LAST_CHANGE.set(wall_time(clock()))
         log.info(
             "config loaded",
-            extra={"fields": {"name": desired.name or None, "config_sha256": desired.sha256,
+            extra={"fields": {"name": desired.name or None, "config_sha256": desired.sha256, "key": desired.key,
                               "ensure_exist": len(desired.ensure_exist),
                               "ensure_not_exist": len(desired.ensure_not_exist)}},
         )
+
+    def _valid_again(self, desired: DesiredState) -> None:
+        if self.error:
+            log.info("config is valid again", extra={"fields": {"config_sha256": desired.sha256}})
+        self.error = None
+        CONFIG_VALID.set(1)
 
     def _report(self, error: str) -> None:
         CONFIG_VALID.set(0)
@@ -1043,38 +1313,36 @@ class ConfigSource:
             "path": str(self.path),
             "name": self.desired.name if self.desired else None,
             "sha256": self.desired.sha256 if self.desired else None,
+            "key": self.desired.key if self.desired else None,
             "last_read": iso_time(self.last_read),
             "error": self.error,
         }
 
 
-@dataclass
-class Heartbeat:
-    """When the loop last ticked, for /healthz."""
-
-    last_tick: float = field(default_factory=clock)
-
-
 def run_loop(
-    settings: Settings, config: ConfigSource, reconciler: Reconciler, stop: threading.Event, heartbeat: Heartbeat
+    settings: Settings, config: ConfigSource, reconciler: Reconciler, stop: threading.Event, liveness: Liveness,
+    nudge: threading.Event,
 ) -> None:
-    """The whole sidecar: reconcile when the config changed or a period passed; one cycle at a time."""
+    """The whole sidecar: reconcile when the config changed, a period passed or SIGHUP asked for it
+    (`nudge`); one cycle at a time."""
     next_due = 0.0
     while not stop.is_set():
-        now = heartbeat.last_tick = clock()
-        due = now >= next_due
+        liveness.beat()
+        now = clock()
+        due = now >= next_due or nudge.is_set()
+        nudge.clear()
         changed = config.poll(force=due)
         if (changed or due) and config.desired is not None:
             reconciler.reconcile(config.desired)
             next_due = now + reconciler.next_delay(settings.health_check_interval)
         elif due:
             next_due = now + settings.health_check_interval
-        stop.wait(min(settings.watch_interval, max(0.0, next_due - clock())))
+        nudge.wait(min(settings.watch_interval, max(0.0, next_due - clock())))
 
 
 def wait_for_health(client: VLLMClient, timeout: float, interval: float) -> bool:
     deadline = clock() + timeout
-    while not client.is_healthy():
+    while client.health() is not None:
         if clock() >= deadline:
             return False
         time.sleep(min(interval, max(0.0, deadline - clock())))
@@ -1117,8 +1385,17 @@ class StatusServer(ThreadingHTTPServer):
         self, address: tuple[str, int], status: Callable[[], dict[str, Any]],
         alive: Callable[[], bool], ready: Callable[[], bool],
     ) -> None:
-        super().__init__(address, StatusHandler)
+        host = address[0].removeprefix("[").removesuffix("]")
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, address[1]), StatusHandler)
         self.status, self.alive, self.ready = status, alive, ready
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            # `::` takes IPv4 clients too (dual stack), whatever the host's net.ipv6.bindv6only says.
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
 
 
 class StatusHandler(BaseHTTPRequestHandler):
@@ -1130,12 +1407,12 @@ class StatusHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            self._send(200, prom.generate_latest(), prom.CONTENT_TYPE_LATEST)
+            self._send(200, mask(prom.generate_latest().decode()).encode(), prom.CONTENT_TYPE_LATEST)
         elif path in ("/healthz", "/readyz"):
             ok = self.server.alive() and (path == "/healthz" or self.server.ready())
             self._send(200 if ok else 503, b"ok\n" if ok else b"not ok\n", "text/plain")
         elif path == "/status":
-            body = json.dumps(self.server.status(), indent=2).encode() + b"\n"
+            body = mask(json.dumps(self.server.status(), indent=2)).encode() + b"\n"
             self._send(200, body, "application/json")
         else:
             self._send(404, b"not found\n", "text/plain")
@@ -1166,10 +1443,9 @@ class StatusHandler(BaseHTTPRequestHandler):
 class LogFormatter(logging.Formatter):
     """One line per event, text (`key=value`) or JSON, with any secret masked."""
 
-    def __init__(self, json_lines: bool, secrets: Sequence[str] = ()) -> None:
+    def __init__(self, json_lines: bool) -> None:
         super().__init__()
         self.json_lines = json_lines
-        self.secrets = [s for s in secrets if s]
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
@@ -1180,20 +1456,21 @@ class LogFormatter(logging.Formatter):
             line = json.dumps({"ts": ts, "level": record.levelname.lower(), "msg": record.getMessage(), **fields})
         else:
             pairs = " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
-            line = f"{ts} {record.levelname:<7} {record.getMessage()}" + (f" {pairs}" if pairs else "")
-        for secret in self.secrets:
-            line = line.replace(secret, "***")
-        return line
+            message = record.getMessage()
+            message = message if message.isprintable() else json.dumps(message)[1:-1]
+            line = f"{ts} {record.levelname:<7} {message}" + (f" {pairs}" if pairs else "")
+        return mask(line)
 
 
 def _text_value(value: Any) -> str:
+    # Quoted and escaped when it could be read as more than one value, or as more than one line.
     text = value if isinstance(value, str) else json.dumps(value)
-    return text if text and not any(c in text for c in ' ="\n') else json.dumps(text)
+    return text if text and text.isprintable() and not any(c in text for c in ' ="') else json.dumps(text)
 
 
-def configure_logging(level: str, log_format: str, secrets: Sequence[str] = ()) -> None:
+def configure_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogFormatter(log_format == "json", secrets))
+    handler.setFormatter(LogFormatter(log_format == "json"))
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False
@@ -1229,9 +1506,13 @@ def build_parser() -> argparse.ArgumentParser:
          action=argparse.BooleanOptionalAction)
     flag("--metrics-port", ENV_PREFIX + "METRICS_PORT", 8080,
          "port of /metrics, /healthz, /readyz and /status; 0 turns them off", type=int, metavar="PORT")
-    flag("--metrics-address", ENV_PREFIX + "METRICS_ADDRESS", "0.0.0.0", "address to serve them on", metavar="ADDR")
-    flag("--request-timeout", ENV_PREFIX + "REQUEST_TIMEOUT", 10.0, "seconds allowed for every HTTP call",
-         type=float, metavar="S")
+    flag("--metrics-address", ENV_PREFIX + "METRICS_ADDRESS", "::",
+         "address to serve them on; '::' is IPv6 and IPv4 (0.0.0.0 on a host without IPv6)", metavar="ADDR")
+    flag("--request-timeout", ENV_PREFIX + "REQUEST_TIMEOUT", 10.0,
+         "seconds allowed for each quick call: /health, /version, /v1/models, unload", type=float, metavar="S")
+    flag("--load-timeout", ENV_PREFIX + "LOAD_TIMEOUT", 600.0,
+         "seconds allowed for one load (vLLM may download the adapter); a load queued behind others "
+         "gets one allowance for each", type=float, metavar="S")
     flag("--api-key-file", ENV_PREFIX + "API_KEY_FILE", None,
          "file holding vLLM's API key (else env VLLM_API_KEY); sent as Authorization: Bearer",
          metavar="FILE")
@@ -1257,8 +1538,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     for name, allowed in (("log_level", ("debug", "info", "warning", "error")), ("log_format", ("text", "json"))):
         if getattr(args, name) not in allowed:
             parser.error(f"--{name.replace('_', '-')}: {getattr(args, name)!r} is not one of {', '.join(allowed)}")
-    if min(args.reconcile_trigger, args.watch_interval, args.request_timeout) <= 0:
-        parser.error("--reconcile-trigger, --watch-interval and --request-timeout must be positive")
+    if min(args.reconcile_trigger, args.watch_interval, args.request_timeout, args.load_timeout) <= 0:
+        parser.error("--reconcile-trigger, --watch-interval, --request-timeout and --load-timeout must be positive")
     validation = args.config_validation
     if isinstance(validation, str):  # from the environment
         validation = validation.strip().lower() not in ("0", "false", "no", "off")
@@ -1272,6 +1553,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         metrics_port=args.metrics_port,
         metrics_address=args.metrics_address,
         request_timeout=args.request_timeout,
+        load_timeout=args.load_timeout,
         api_key=read_api_key(parser, args.api_key_file),
         log_level=args.log_level,
         log_format=args.log_format,
@@ -1280,19 +1562,28 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
 
 
 def read_api_key(parser: argparse.ArgumentParser, key_file: str | None) -> str | None:
+    """The key from --api-key-file, else VLLM_API_KEY. Surrounding white space (the newline that
+    `echo` leaves in a Secret) is dropped; a key that cannot go into an HTTP header is refused here,
+    since the HTTP client would refuse every call with it."""
+    source = f"--api-key-file {key_file}" if key_file else "VLLM_API_KEY"
     if key_file:
         try:
-            return Path(key_file).read_text(encoding="utf-8").strip() or None
+            key = Path(key_file).read_text(encoding="utf-8")
         except OSError as e:
             parser.error(f"--api-key-file {key_file}: {e.strerror or e}")
-    return os.environ.get("VLLM_API_KEY") or None
+    else:
+        key = os.environ.get("VLLM_API_KEY", "")
+    key = key.strip()
+    if any(not " " <= c <= "~" for c in key):
+        parser.error(f"{source}: the API key holds a control or non-ASCII character; it cannot be sent as a header")
+    return key or None
 
 
 def validate_only(settings: Settings) -> int:
     try:
         desired = read_config(settings.config_path, settings.config_validation)
     except ConfigError as e:
-        print("\n".join(e.errors), file=sys.stderr)
+        print(mask("\n".join(e.errors)), file=sys.stderr)
         return 2
     print(f"{settings.config_path}: valid: {len(desired.ensure_exist)} adapters to hold, "
           f"{len(desired.ensure_not_exist)} to remove, server {desired.server_url}")
@@ -1310,7 +1601,7 @@ def run_one_shot(settings: Settings, client: VLLMClient) -> int:
     try:
         desired = read_config(settings.config_path, settings.config_validation)
     except ConfigError as e:
-        print("\n".join(e.errors), file=sys.stderr)
+        print(mask("\n".join(e.errors)), file=sys.stderr)
         return 2
     client.use_server(desired.server_url)
     if not wait_for_health(client, settings.health_check_timeout, settings.health_check_interval):
@@ -1324,21 +1615,19 @@ def run_one_shot(settings: Settings, client: VLLMClient) -> int:
     except (ServerUnreachable, ServerError) as e:
         log.error("cannot read the server's adapters", extra={"fields": {"error": str(e)}})
         return 1
-    print("\n".join(describe(the_plan)))
+    print(mask("\n".join(describe(the_plan))))
     return 0 if not the_plan.actions else 1
 
 
 def run_forever(settings: Settings, client: VLLMClient) -> int:
     config = ConfigSource(settings.config_path, settings.config_validation)
     reconciler = Reconciler(client, settings.reconcile_period, settings.health_check_timeout)
-    heartbeat = Heartbeat()
+    liveness = client.liveness
     prom.REGISTRY.register(AdapterMetrics(reconciler))
-    stop = threading.Event()
+    stop, nudge = threading.Event(), threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-
-    def alive() -> bool:
-        return clock() - heartbeat.last_tick <= settings.alive_window
+        signal.signal(signum, lambda *_: (stop.set(), nudge.set()))
+    signal.signal(signal.SIGHUP, lambda *_: nudge.set())  # re-read the config and reconcile now
 
     def status() -> dict[str, Any]:
         return {"version": VERSION, "config": config.status(), "ready": reconciler.ready, **reconciler.status()}
@@ -1347,7 +1636,13 @@ def run_forever(settings: Settings, client: VLLMClient) -> int:
     if settings.metrics_port:
         address = (settings.metrics_address, settings.metrics_port)
         try:
-            status_server = StatusServer(address, status, alive, lambda: reconciler.ready)
+            try:
+                status_server = StatusServer(address, status, liveness.alive, lambda: reconciler.ready)
+            except OSError as e:
+                if address[0] != "::" or e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                    raise
+                address = ("0.0.0.0", settings.metrics_port)  # a host without IPv6
+                status_server = StatusServer(address, status, liveness.alive, lambda: reconciler.ready)
         except OSError as e:
             log.error("cannot serve metrics and probes", extra={"fields": {"address": f"{address[0]}:{address[1]}",
                                                                             "error": e.strerror or str(e)}})
@@ -1356,7 +1651,8 @@ def run_forever(settings: Settings, client: VLLMClient) -> int:
         threading.Thread(target=status_server.serve_forever, kwargs={"poll_interval": 5}, daemon=True).start()
     log.info("sidecar started", extra={"fields": {"version": VERSION, "config": str(settings.config_path),
                                                   "metrics_port": settings.metrics_port}})
-    worker = threading.Thread(target=run_loop, args=(settings, config, reconciler, stop, heartbeat), daemon=True)
+    worker = threading.Thread(target=run_loop, args=(settings, config, reconciler, stop, liveness, nudge),
+                              daemon=True)
     worker.start()
     while not stop.is_set() and worker.is_alive():
         stop.wait(1.0)  # a signal sets `stop` and ends the wait at once
@@ -1366,10 +1662,12 @@ def run_forever(settings: Settings, client: VLLMClient) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
-    configure_logging(settings.log_level, settings.log_format, [settings.api_key or ""])
+    SECRETS[:] = [settings.api_key] if settings.api_key else []
+    configure_logging(settings.log_level, settings.log_format)
     if settings.mode == "validate":
         return validate_only(settings)
-    client = VLLMClient(requests.Session(), settings.request_timeout, settings.api_key)
+    client = VLLMClient(requests.Session(), settings.request_timeout, settings.api_key, settings.load_timeout,
+                        Liveness(settings.alive_window))
     if settings.mode in ("once", "dry-run"):
         return run_one_shot(settings, client)
     return run_forever(settings, client)

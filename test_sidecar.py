@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from sidecar import (
     Skip,
     VLLMClient,
     backoff_delay,
+    inplace_is_safe,
     parse_config,
     parse_model_list,
     plan,
@@ -42,6 +44,14 @@ from fake_vllm import model_card
 from kubelet import KubeletConfigDir
 
 URL = "http://vllm.test:8000"
+
+
+def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not true within {timeout} s"
+        time.sleep(0.005)
+
 BASE = "tiny"
 BASE_ROOT = "/models/tiny"
 
@@ -185,16 +195,20 @@ vLLMLoRAConfig:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("vLLMLoRAConfig: {port: '80'}", "vLLMLoRAConfig.port: expected an integer 1-65535"),
-        ("vLLMLoRAConfig: {scheme: ftp}", "vLLMLoRAConfig.scheme: expected http or https"),
-        ("vLLMLoRAConfig: {ensureExist: {models: [{id: a}]}}", "vLLMLoRAConfig.ensureExist.models[0].source: expected"),
-        ("vLLMLoRAConfig: {ensureExist: 3}", "vLLMLoRAConfig.ensureExist: expected dict"),
-        ("vLLMLoRAConfig: {ensureExist: {models: [5]}}", "vLLMLoRAConfig.ensureExist.models[0]: expected dict"),
-        ("- 1", "(top level): expected dict"),
+        ("vLLMLoRAConfig: {port: '80'}", "vLLMLoRAConfig.port: expected integer"),
+        ("vLLMLoRAConfig: {scheme: ftp}", "vLLMLoRAConfig.scheme: 'ftp' is not one of ['http', 'https']"),
+        ("vLLMLoRAConfig: {ensureExist: {models: [{id: a}]}}",
+         "vLLMLoRAConfig.ensureExist.models[0].source: required field is missing"),
+        ("vLLMLoRAConfig: {ensureExist: 3}", "vLLMLoRAConfig.ensureExist: expected object"),
+        ("vLLMLoRAConfig: {ensureExist: {models: [5]}}", "vLLMLoRAConfig.ensureExist.models[0]: expected object"),
+        ("vLLMLoRAConfig: {ensureExist: {models: [{id: a, source: s, toRemove: 'yes'}]}}",
+         "vLLMLoRAConfig.ensureExist.models[0].toRemove: expected boolean, got yes"),
+        ("- 1", "(top level): expected object"),
     ],
 )
-def test_without_schema_validation_bad_shapes_are_still_config_errors(text, expected):
+def test_without_schema_validation_the_types_hold_in_the_same_words(text, expected):
     assert expected in errors_of(text, validate=False)[0]
+    assert errors_of(text, validate=False) == errors_of(text, validate=True)
 
 
 def test_without_schema_validation_unknown_keys_pass():
@@ -306,6 +320,14 @@ def server_state(adapters=None, bases=(BASE,), roots=(BASE_ROOT,)) -> ServerStat
          server_state(bases=(), roots=()), [], ["a1"]),
         ("ensureNotExist is unloaded whatever its base model", desired_state(drop=[Adapter("g", "/s", "big")]),
          server_state({"g": "/s"}), [(Op.UNLOAD, "g")], []),
+        ("a root listed with a trailing slash is the same source", desired_state([A1]),
+         server_state({"a1": "/adapters/a1/"}), [], []),
+        ("a source written with a trailing slash is the same source", desired_state([Adapter("a1", "/a/")]),
+         server_state({"a1": "/a"}), [], []),
+        ("a leftover staging copy of a named adapter is unloaded", desired_state([A1]),
+         server_state({"a1": "/adapters/a1", "a1~staging": "/new"}), [(Op.UNLOAD, "a1~staging")], []),
+        ("a staging-like name of an adapter the config does not name is left alone", desired_state([A1]),
+         server_state({"a1": "/adapters/a1", "b~staging": "/new"}), [], []),
     ],
 )
 def test_plan(name, desired, server, actions, skipped):
@@ -556,11 +578,38 @@ def test_unload_500_fails(client, mocked):
     assert not client.unload("a1").ok
 
 
-def test_health(client, mocked):
+def test_health_is_none_when_200_else_the_reason(client, mocked):
     mocked.get(f"{URL}/health", status=200, body="")
     mocked.get(f"{URL}/health", status=503, body="")
-    assert client.is_healthy()
-    assert not client.is_healthy()
+    assert client.health() is None
+    assert client.health() == "GET /health answered 503: no message"
+
+
+@pytest.mark.parametrize(("error", "reason"), [
+    (requests.ConnectionError("[Errno 111] Connection refused"), "connection refused"),
+    (requests.ConnectionError("Failed to resolve 'x.invalid' (Name or service not known)"),
+     "cannot resolve the host name"),
+    (requests.exceptions.SSLError("[SSL: WRONG_VERSION_NUMBER] wrong version number"), "TLS handshake failed"),
+    (requests.ConnectionError("('Connection aborted.', RemoteDisconnected('closed'))"), "closed without an answer"),
+])
+def test_health_says_why_the_server_cannot_be_reached(client, mocked, error, reason):
+    mocked.get(f"{URL}/health", body=error)
+    assert reason in client.health()
+
+
+def test_version_is_read_from_the_version_route_or_none(client, mocked):
+    mocked.get(f"{URL}/version", json={"version": "0.32.0"})
+    mocked.get(f"{URL}/version", status=404, json={"detail": "Not Found"})
+    assert client.version() == "0.32.0"
+    assert client.version() is None
+
+
+@pytest.mark.parametrize(("version", "safe"), [
+    ("0.32.0", False), ("0.32.0+cpu", False), ("0.8.5", False), (None, False), ("nonsense", False),
+    ("0.33.0", True), ("0.34.1rc1", True), ("1.0.0", True),
+])
+def test_load_inplace_is_used_only_where_vllm_resets_the_flag(version, safe):
+    assert inplace_is_safe(version) is safe
 
 
 def test_connection_refused_is_unreachable(client, mocked):
@@ -572,9 +621,25 @@ def test_connection_refused_is_unreachable(client, mocked):
 
 def test_timeout_is_unreachable_and_marked(client, mocked):
     mocked.post(LOAD, body=requests.ReadTimeout("slow"))
-    with pytest.raises(ServerUnreachable, match="no answer within 2 s") as caught:
+    with pytest.raises(ServerUnreachable, match="no answer within 600 s") as caught:
         client.load(A1)
     assert caught.value.timed_out
+
+
+def test_a_load_sent_alongside_others_gets_an_allowance_for_each(client, mocked):
+    plain_text(mocked, "POST", LOAD, 200, "Success")
+    client.load(A1)
+    client.load(A1, alongside=4)
+    assert [call.request.req_kwargs["timeout"] for call in mocked.calls] == [600.0, 2400.0]
+
+
+def test_loads_sent_together_each_get_an_allowance_for_the_whole_batch(client, mocked):
+    mocked.get(MODELS, json=models_body())
+    plain_text(mocked, "POST", LOAD, 200, "Success")
+    reconciler(client).reconcile(desired_for(*(Adapter(f"a{i}", f"/a{i}") for i in range(6))))
+    reconciler(client).reconcile(desired_for(A1))
+    timeouts = [c.request.req_kwargs["timeout"] for c in mocked.calls if c.request.method == "POST"]
+    assert timeouts == [2400.0] * 6 + [600.0]  # four in flight at most; a lone load gets exactly one
 
 
 def test_every_call_has_a_timeout(client, mocked):
@@ -585,8 +650,8 @@ def test_every_call_has_a_timeout(client, mocked):
     client.server_state()
     client.load(A1)
     client.unload("a1")
-    client.is_healthy()
-    assert [call.request.req_kwargs["timeout"] for call in mocked.calls] == [2.0] * 4
+    client.health()
+    assert [call.request.req_kwargs["timeout"] for call in mocked.calls] == [2.0, 600.0, 2.0, 2.0]
 
 
 # -------------------------------------------------------------- reconciler
@@ -613,11 +678,13 @@ def test_in_sync_cycle_sends_exactly_one_get(client, mocked):
 
 def test_unknown_server_checks_health_first(client, mocked):
     mocked.get(f"{URL}/health", status=200)
+    mocked.get(f"{URL}/version", json={"version": "0.32.0"})
     mocked.get(MODELS, json=models_body(("a1", "/adapters/a1")))
     r = Reconciler(client, 5.0, 300)
     r.reconcile(desired_for(A1))
     r.reconcile(desired_for(A1))
-    assert [c.request.url for c in mocked.calls] == [f"{URL}/health", MODELS, MODELS]
+    assert [c.request.url for c in mocked.calls] == [f"{URL}/health", f"{URL}/version", MODELS, MODELS]
+    assert r.status()["server"] == {"url": URL, "up": True, "version": "0.32.0", "error": None}
 
 
 def test_one_failing_adapter_does_not_stop_the_others(client, mocked):
@@ -635,6 +702,9 @@ def test_one_failing_adapter_does_not_stop_the_others(client, mocked):
     assert sorted(loads) == ["a1", "a2", "bad"]
     assert r.records["bad"].state == "failed" and r.records["bad"].last_error == "500: rank too big"
     assert r.records["a1"].state == "loaded"
+    assert not r.ready  # not before /v1/models bears the loads out
+    mocked.get(MODELS, json=models_body(("a1", "/adapters/a1"), ("a2", "/adapters/a2")))
+    r.reconcile(desired_for(bad, A1, A2))
     assert r.ready  # a permanent failure does not hold readiness back
 
 
@@ -669,19 +739,58 @@ def test_changed_entry_resets_its_backoff(client, mocked):
     assert loads == ["/adapters/a1", "/adapters/fixed"]
 
 
-def test_reload_falls_back_to_unload_then_load_on_older_vllm(client, mocked):
+def sent_posts(mocked) -> list[tuple[str, dict]]:
+    return [(c.request.url, json.loads(c.request.body)) for c in mocked.calls if c.request.method == "POST"]
+
+
+STAGED_SWAP = [
+    (LOAD, {"lora_name": "a1~staging", "lora_path": "/adapters/a1"}),
+    (UNLOAD, {"lora_name": "a1~staging"}),
+    (UNLOAD, {"lora_name": "a1"}),
+    (LOAD, {"lora_name": "a1", "lora_path": "/adapters/a1"}),
+]
+
+
+@pytest.mark.parametrize("version", ["0.32.0", None])
+def test_new_version_on_vllm_0_32_is_staged_then_unloaded_and_loaded_never_in_place(client, mocked, version):
     mocked.get(MODELS, json=models_body(("a1", "/old")))
-    mocked.post(LOAD, status=400, json=vllm_error(loaded_message("a1"), 400))
+    plain_text(mocked, "POST", LOAD, 200, "Success")
     plain_text(mocked, "POST", UNLOAD, 200, "Success")
+    r = reconciler(client)
+    r.server_version = version
+    assert r.reconcile(desired_for(A1)).in_sync
+    assert sent_posts(mocked) == STAGED_SWAP
+
+
+def test_new_version_on_vllm_0_33_is_loaded_in_place(client, mocked):
+    mocked.get(MODELS, json=models_body(("a1", "/old")))
     plain_text(mocked, "POST", LOAD, 200, "Success")
     r = reconciler(client)
+    r.server_version = "0.33.0"
     assert r.reconcile(desired_for(A1)).in_sync
-    sent = [(c.request.url, json.loads(c.request.body)) for c in mocked.calls[1:]]
-    assert sent == [
-        (LOAD, {"lora_name": "a1", "lora_path": "/adapters/a1", "load_inplace": True}),
-        (UNLOAD, {"lora_name": "a1"}),
-        (LOAD, {"lora_name": "a1", "lora_path": "/adapters/a1"}),
-    ]
+    assert sent_posts(mocked) == [(LOAD, {"lora_name": "a1", "lora_path": "/adapters/a1", "load_inplace": True})]
+
+
+def test_in_place_refused_falls_back_to_the_staged_swap(client, mocked):
+    mocked.get(MODELS, json=models_body(("a1", "/old")))
+    mocked.post(LOAD, status=400, json=vllm_error(loaded_message("a1"), 400))
+    plain_text(mocked, "POST", LOAD, 200, "Success")
+    plain_text(mocked, "POST", UNLOAD, 200, "Success")
+    r = reconciler(client)
+    r.server_version = "0.33.0"
+    assert r.reconcile(desired_for(A1)).in_sync
+    inplace = (LOAD, {"lora_name": "a1", "lora_path": "/adapters/a1", "load_inplace": True})
+    assert sent_posts(mocked) == [inplace, *STAGED_SWAP]
+
+
+def test_a_new_version_that_fails_to_load_leaves_the_old_one_serving(client, mocked):
+    mocked.get(MODELS, json=models_body(("a1", "/old")))
+    mocked.post(LOAD, status=404, json=vllm_error("Loading lora a1~staging failed: No adapter found", 404))
+    r = reconciler(client)
+    assert not r.reconcile(desired_for(A1)).in_sync
+    assert sent_posts(mocked) == STAGED_SWAP[:1]  # the serving version was never unloaded
+    record = r.records["a1"]
+    assert record.state == "failed" and "the old one keeps serving" in record.last_error
 
 
 def test_connection_error_mid_cycle_ends_it_without_guessing(client, mocked):
@@ -703,10 +812,10 @@ def test_an_unexpected_error_in_one_load_is_logged_and_retried_without_stopping_
     mocked.post(LOAD, body="Success")
     real_load = client.load
 
-    def load(adapter, inplace=False):
+    def load(adapter, inplace=False, alongside=1):
         if adapter.id == "bad":
             raise KeyError("a bug")
-        return real_load(adapter, inplace)
+        return real_load(adapter, inplace, alongside)
 
     monkeypatch.setattr(client, "load", load)
     r = reconciler(client)
@@ -721,6 +830,7 @@ def test_an_unexpected_error_in_one_load_is_logged_and_retried_without_stopping_
 
 def test_timed_out_load_is_blamed_so_the_others_go_first_next_time(client, mocked):
     mocked.get(MODELS, json=models_body())
+    mocked.get(MODELS, json=models_body(("a2", "/adapters/a2")))
     mocked.add_callback(
         "POST", LOAD,
         callback=lambda req: (_ for _ in ()).throw(requests.ReadTimeout("slow"))
@@ -728,11 +838,93 @@ def test_timed_out_load_is_blamed_so_the_others_go_first_next_time(client, mocke
     )
     mocked.get(f"{URL}/health", status=200)
     r = reconciler(client)
-    r.reconcile(desired_for(A1, A2))
+    result = r.reconcile(desired_for(A1, A2))
+    assert not result.unreachable and r.server_up  # a slow load is not a server that is down
     r.reconcile(desired_for(A1, A2))
     loads = [json.loads(c.request.body)["lora_name"] for c in mocked.calls if c.request.url == LOAD]
     assert loads.count("a1") == 1 and "a2" in loads  # a1 waits out its backoff; a2 went ahead
     assert r.records["a1"].state == "failed" and r.records["a2"].state == "loaded"
+    assert "no answer within" in r.records["a1"].last_error
+
+
+def test_a_load_answered_200_that_is_not_listed_fails_and_backs_off(client, mocked):
+    mocked.get(MODELS, json=models_body())
+    plain_text(mocked, "POST", LOAD, 200, "Success")
+    r = reconciler(client, period=5.0)
+    r.reconcile(desired_for(A1))
+    assert r.records["a1"].state == "loaded"  # as far as the answer goes
+    r.reconcile(desired_for(A1))  # once could be a restart in between: sent again
+    assert r.records["a1"].state == "loaded" and len(sent_posts(mocked)) == 2
+    result = r.reconcile(desired_for(A1))
+    record = r.records["a1"]
+    assert record.state == "failed" and record.last_error == "load answered 200 but /v1/models does not list it"
+    assert not result.in_sync and len(sent_posts(mocked)) == 2  # backing off, not re-sent at once
+    assert record.retry_at is not None and not r._settled()
+
+
+def test_an_unload_answered_200_that_stays_listed_fails(client, mocked):
+    mocked.get(MODELS, json=models_body(("gone", "/g")))
+    plain_text(mocked, "POST", UNLOAD, 200, "Success")
+    r = reconciler(client)
+    for _ in range(3):
+        r.reconcile(desired_for(drop=(GONE,)))
+    assert r.records["gone"].last_error == "unload answered 200 but /v1/models still lists it"
+
+
+def test_a_reload_that_changes_nothing_listed_is_not_repeated_every_period(client, mocked):
+    mocked.get(MODELS, json=models_body(("a1", "/old")))
+    plain_text(mocked, "POST", LOAD, 200, "Success")
+    r = reconciler(client)
+    r.server_version = "0.33.0"
+    for _ in range(4):
+        r.reconcile(desired_for(A1))
+    assert r.records["a1"].last_error == "reload answered 200 but /v1/models still lists source '/old'"
+    assert len(sent_posts(mocked)) == 2
+
+
+@pytest.mark.parametrize(("status", "ready"), [(404, True), (500, True), (400, True), (503, False), (429, False)])
+def test_readiness_lets_only_permanent_failures_through(client, mocked, status, ready):
+    mocked.get(MODELS, json=models_body())
+    mocked.post(LOAD, status=status, json=vllm_error("failed", status))
+    r = reconciler(client)
+    r.reconcile(desired_for(A1))
+    assert r.records["a1"].state == "failed" and r.ready is ready
+
+
+def test_a_timed_out_load_does_not_make_the_sidecar_ready(client, mocked):
+    mocked.get(MODELS, json=models_body())
+    mocked.post(LOAD, body=requests.ReadTimeout("slow"))
+    r = reconciler(client)
+    r.reconcile(desired_for(A1))
+    assert r.records["a1"].state == "failed" and not r.ready
+
+
+def test_model_list_without_answer_while_health_is_fine_keeps_the_server_up(client, mocked):
+    mocked.get(MODELS, body=requests.ConnectionError("('Connection aborted.', RemoteDisconnected('x'))"))
+    mocked.get(f"{URL}/health", status=200)
+    r = reconciler(client)
+    result = r.reconcile(desired_for(A1))
+    assert r.server_up and not result.unreachable and "closed without an answer" in result.error
+    assert r.next_delay(0.1) == r.period
+
+
+def test_every_action_is_counted_whatever_its_outcome(client, mocked):
+    before = {result: metric("lora_sidecar_operations_total", op="load", result=result)
+              for result in ("timeout", "error", "success")}
+    mocked.get(MODELS, json=models_body())
+    mocked.get(f"{URL}/health", status=200)
+    mocked.add_callback("POST", LOAD, callback=lambda req: {
+        "a1": lambda: (_ for _ in ()).throw(requests.ReadTimeout("slow")),
+        "a2": lambda: (500, {}, json.dumps(vllm_error("bad", 500))),
+    }.get(json.loads(req.body)["lora_name"], lambda: (200, {}, "Success"))())
+    reconciler(client).reconcile(desired_for(A1, A2, Adapter("a3", "/adapters/a3")))
+    after = {result: metric("lora_sidecar_operations_total", op="load", result=result)
+             for result in ("timeout", "error", "success")}
+    assert {k: after[k] - before[k] for k in after} == {"timeout": 1, "error": 1, "success": 1}
+
+
+def metric(name: str, **labels: str) -> float:
+    return sidecar.prom.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def test_garbage_model_list_changes_nothing(client, mocked):
@@ -913,10 +1105,21 @@ def test_help_names_every_environment_variable(capsys):
 # ------------------------------------------------------------------- logs
 
 
-def log_line(json_lines: bool, secrets=(), **fields) -> str:
-    record = logging.LogRecord("lora-sidecar", logging.INFO, __file__, 1, "load done: a1", None, None)
+def log_line(json_lines: bool, secrets=(), message: str = "load done: a1", **fields) -> str:
+    record = logging.LogRecord("lora-sidecar", logging.INFO, __file__, 1, message, None, None)
     record.fields = fields
-    return sidecar.LogFormatter(json_lines, secrets).format(record)
+    saved = sidecar.SECRETS[:]
+    sidecar.SECRETS[:] = list(secrets)
+    try:
+        return sidecar.LogFormatter(json_lines).format(record)
+    finally:
+        sidecar.SECRETS[:] = saved
+
+
+def test_a_control_character_never_starts_a_new_text_log_line():
+    line = log_line(False, message="load done: a\n2026-01-01 ERROR forged", error="x\ny", path="/a\tb")
+    assert "\n" not in line and "\t" not in line
+    assert "load done: a\\n2026" in line and 'error="x\\ny"' in line
 
 
 def test_json_log_line_has_the_documented_fields():

@@ -11,6 +11,7 @@ rename or at Popen.
 
     .venv/bin/python bench/bench.py              # the table; JSON in bench/results/latest.json
     .venv/bin/python bench/bench.py --no-vllm    # skip the real-vLLM row (saves ~1 min)
+    .venv/bin/python bench/bench.py --only rollout,swap   # some rows (steps) only
     .venv/bin/python bench/bench.py --profile    # py-spy profiles instead of the table
     BENCH_SIDECAR=/tmp/variant/sidecar.py .venv/bin/python bench/bench.py   # measure another copy
 
@@ -35,7 +36,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -125,9 +128,11 @@ def fake_adapters(count: int, prefix: str = "ad") -> dict[str, str]:
 class FakeServer:
     """tests/fake_vllm.py as a process; the request log and state through its /_fake/ routes."""
 
-    def __init__(self, load_delay: float = 0.0) -> None:
+    def __init__(self, load_delay: float = 0.0, version: str | None = None) -> None:
         self.load_delay = load_delay
         cmd = [PYTHON, str(FAKE), "--port", "0", "--accept-any-path", "--load-delay", str(load_delay)]
+        if version is not None:  # what GET /version reports (the fake's default otherwise)
+            cmd += ["--version-string", version]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                                      text=True, cwd=REPO)
         assert self.proc.stdout is not None
@@ -473,6 +478,165 @@ def bench_vllm(workdir: Path, count: int) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------ rollouts (issue 10)
+
+
+class Poller(threading.Thread):
+    """Calls `probe` every `interval` seconds until stop(); keeps (sent, answered, status or None)."""
+
+    def __init__(self, probe: Callable[[], int], interval: float) -> None:
+        super().__init__(daemon=True)
+        self.probe, self.interval = probe, interval
+        self.polls: list[tuple[float, float, int | None]] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            sent = time.monotonic()
+            try:
+                status: int | None = self.probe()
+            except OSError:  # no answer (refused, reset, timed out)
+                status = None
+            self.polls.append((sent, time.monotonic(), status))
+            self._halt.wait(self.interval)
+
+    def stop(self) -> list[tuple[float, float, int | None]]:
+        self._halt.set()
+        self.join(15)
+        return self.polls
+
+
+def http_status(method: str, url: str, body: Any = None, timeout: float = 5.0) -> int:
+    """The status code of one call (an HTTP error status is an answer, not an exception)."""
+    try:
+        http_json(method, url, body, timeout)
+    except urllib.error.HTTPError as e:
+        return e.code
+    return 200
+
+
+def outages(polls: list[tuple[float, float, int | None]]) -> list[float]:
+    """Seconds of each run of non-200 answers, from the last 200 answer before it to the first 200 answer
+    after it (an upper bound on the outage, within one poll's time); inf if no 200 came after it."""
+    windows: list[float] = []
+    last_ok: float | None = None
+    outage = False
+    for sent, answered, status in polls:
+        if status == 200:
+            if outage:
+                windows.append(answered - (last_ok if last_ok is not None else sent))
+            last_ok, outage = answered, False
+        else:
+            outage = True
+    if outage:
+        windows.append(float("inf"))
+    return windows
+
+
+def bench_rollout(workdir: Path, count: int, load_delay: float) -> dict[str, Any]:
+    """`count` adapters from nothing, each load holding the fake's engine `load_delay` seconds (applied one
+    at a time), the sidecar with its default timeouts. /healthz polled every 0.1 s throughout."""
+    conf = KubeletConfigDir(workdir / "rollout")
+    deadline_s = max(60.0, 3 * count * load_delay)  # never hang: a sidecar that stalls is reported, not awaited
+    with FakeServer(load_delay=load_delay) as fake:
+        conf.write(bench_config(fake.port, fake_adapters(count, "ro"), "base"))
+        with BenchSidecar(conf.path, 1.0) as sidecar:
+            healthz = Poller(lambda: sidecar.healthz(), 0.1)
+            healthz.start()
+            failed_seen: set[str] = set()
+            converged_at = None
+            try:
+                deadline, next_status = sidecar.started + deadline_s, 0.0
+                while time.monotonic() < deadline and sidecar.running:
+                    with contextlib.suppress(OSError, ValueError, AssertionError):
+                        if len(fake.adapters()) >= count:
+                            converged_at = time.monotonic()
+                            break
+                        if time.monotonic() >= next_status:  # a failed state: a load timed out or was refused
+                            adapters = sidecar.status()["adapters"]
+                            failed_seen |= {i for i, a in adapters.items() if a["state"] == "failed"}
+                            next_status = time.monotonic() + 0.5
+                    time.sleep(0.05)
+                # two periods more: liveness must hold after the rollout too
+                end = time.monotonic() + 2.0
+                while time.monotonic() < end and sidecar.running:
+                    time.sleep(0.1)
+            finally:
+                polls = healthz.stop()
+            metrics = sidecar.metrics()
+            log = sidecar.lines()
+            requests_log = fake.requests()
+    answered = [p for p in polls if p[2] is not None]
+    first_answer = answered[0][0] if answered else None
+    counted = [p for p in polls if first_answer is not None and p[0] >= first_answer]  # after it listens
+    bad = [p for p in counted if p[2] != 200]
+    names = loaded_names(requests_log)
+    return {
+        "adapters": count,
+        "load_delay_s": load_delay,
+        "server_bound_s": round(count * load_delay, 3),
+        "converged": converged_at is not None,
+        "seconds": round(converged_at - sidecar.started, 3) if converged_at else None,
+        "deadline_s": deadline_s,
+        "load_timeouts_metric": metrics.total("lora_sidecar_operations_total", result="timeout"),
+        "log_no_answer_lines": sum("no answer within" in line for line in log),
+        "log_server_down_lines": sum("server is down" in line for line in log),
+        "failed_adapters_seen": sorted(failed_seen),
+        "healthz_polls": len(counted),
+        "healthz_non_200": len(bad),
+        "healthz_non_200_from_s": round(bad[0][0] - sidecar.started, 2) if bad else None,
+        "healthz_non_200_to_s": round(bad[-1][0] - sidecar.started, 2) if bad else None,
+        "healthz_statuses": dict(Counter(str(p[2]) for p in counted)),
+        "load_requests": sum(names.values()),
+        "duplicate_loads": sum(n - 1 for n in names.values()),
+        "exit_code": sidecar.exit_code,
+    }
+
+
+def bench_swap(workdir: Path, load_delay: float, poll_interval: float = 0.01) -> dict[str, Any]:
+    """One loaded adapter gets a new source (a version update) with loads of `load_delay` seconds on the fake
+    (which says it is vLLM 0.32, where load_inplace sticks). Completions through it are sent every
+    `poll_interval` s throughout; the fake answers 404 while the name is not loaded."""
+    conf = KubeletConfigDir(workdir / "swap")
+    name = "swap-a"
+    with FakeServer(load_delay=load_delay, version="0.32.0") as fake:
+        conf.write(bench_config(fake.port, {name: f"/adapters/{name}/v1"}, "base"))
+        with BenchSidecar(conf.path, 1.0) as sidecar:
+            wait_until(lambda: fake.adapters().get(name) == f"/adapters/{name}/v1", 30, 0.05, f"{name} loaded")
+            completions = Poller(lambda: http_status("POST", fake.url + "/v1/completions",
+                                                     {"model": name, "prompt": "Hi", "max_tokens": 1}),
+                                 poll_interval)
+            completions.start()
+            try:
+                wait_until(lambda: len(completions.polls) >= 5, 10, 0.02, "the first completions")
+                fake.reset()
+                changed = conf.write(bench_config(fake.port, {name: f"/adapters/{name}/v2"}, "base"))
+                assert changed is not None
+                listed = wait_until(lambda: fake.adapters().get(name) == f"/adapters/{name}/v2" and time.monotonic(),
+                                    max(30.0, 10 * load_delay), 0.01, f"{name} at its new source")
+                sidecar.wait_for(lambda: sidecar.status()["in_sync"], 30, "in sync after the swap")
+                after = len(completions.polls)
+                wait_until(lambda: sum(p[2] == 200 for p in completions.polls[after:]) >= 5, 10, 0.02,
+                           "completions answered after the swap")
+            finally:
+                polls = completions.stop()
+            calls = [f"{e['method']} {e['path']} {(e['body'] or {}).get('lora_name', '')}".strip()
+                     for e in fake.requests() if e["path"] in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")]
+            sticky = http_json("GET", fake.url + "/_fake/state").get("inplace_sticky")
+    windows = outages(polls)  # all 200 before the change
+    return {
+        "load_delay_s": load_delay,
+        "unavailable_s": round(max(windows, default=0.0), 3),
+        "outages": len(windows),
+        "swap_seconds": round(listed - changed, 3),
+        "polls": len(polls),
+        "statuses": dict(Counter(str(p[2]) for p in polls)),
+        "calls": calls,
+        "inplace_sticky": sticky,
+        "exit_code": sidecar.exit_code,
+    }
+
+
 # ------------------------------------------------------------------------------ the table
 
 
@@ -545,6 +709,39 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
         rows.append(Row("cold_start", "cold start to 5 adapters loaded, median", s["seconds"], "s", "<= 0.5",
                         s["seconds"] <= 0.5, OLD["cold_start"],
                         f"runs {s['runs_s']}; first request at {s['last_run_first_request_s']} s"))
+    r = results.get("rollout")
+    if r:
+        n, d = r["adapters"], r["load_delay_s"]
+        limit = round(1.1 * r["server_bound_s"], 2)
+        rows.append(Row("rollout_seconds", f"rollout of {n} adapters, {d:g} s/load, default flags",
+                        r["seconds"] if r["converged"] else f"not within {r['deadline_s']:g}", "s",
+                        f"<= {limit:g} ({n} x {d:g} s + 10%)", r["converged"] and r["seconds"] <= limit, "-",
+                        f"from Popen to the fake listing all {n}; server-bound {r['server_bound_s']} s; "
+                        f"{r['load_requests']} load requests, {r['duplicate_loads']} duplicates"))
+        timeouts = max(int(r["load_timeouts_metric"]), r["log_no_answer_lines"])
+        rows.append(Row("rollout_timeouts", f"rollout {n}: load timeouts", timeouts, "", "0",
+                        timeouts == 0 and not r["failed_adapters_seen"], "-",
+                        f"operations_total{{result=timeout}} {r['load_timeouts_metric']:g}; log lines 'no answer "
+                        f"within' {r['log_no_answer_lines']}, 'server is down' {r['log_server_down_lines']}; "
+                        f"adapters seen failed {len(r['failed_adapters_seen'])}"))
+        window = "" if not r["healthz_non_200"] else \
+            f"; non-200 from {r['healthz_non_200_from_s']} s to {r['healthz_non_200_to_s']} s after Popen"
+        rows.append(Row("rollout_healthz", f"rollout {n}: /healthz answers other than 200", r["healthz_non_200"], "",
+                        "0 (200 throughout)", r["healthz_non_200"] == 0, "-",
+                        f"{r['healthz_polls']} polls every 0.1 s: {r['healthz_statuses']}{window}"))
+    w = results.get("swap")
+    if w:
+        d = w["load_delay_s"]
+        rows.append(Row("swap_unavailable", f"version swap, {d:g} s/load: adapter unavailable", w["unavailable_s"], "s",
+                        f"<= {d + 0.5:g} (one load + 0.5 s)", w["unavailable_s"] <= d + 0.5, "-",
+                        f"longest run of non-200 completions, polled every 10 ms; {w['outages']} outage(s) in "
+                        f"{w['polls']} polls {w['statuses']}"))
+        rows.append(Row("swap_seconds", f"version swap, {d:g} s/load: config change to new source listed",
+                        w["swap_seconds"], "s", f"(info: 2 loads = {2 * d:g} s)", None, "-", f"calls {w['calls']}"))
+        sticky = w["inplace_sticky"] or []
+        rows.append(Row("swap_sticky", "version swap on vLLM 0.32: load_inplace left set", len(sticky), "", "0",
+                        not sticky, "-", "a sticky load_inplace re-reads the files every engine step "
+                        f"(1.3x slower on real vLLM 0.32); left set on {sticky or 'none'}"))
     v = results.get("vllm")
     if v and "skipped" in v:
         rows.append(Row("vllm_seconds", "real vLLM: converge 50 adapters", "skipped", "", "-", None, "-",
@@ -628,6 +825,8 @@ def run_table(args: argparse.Namespace) -> int:
         ("reaction", lambda w: bench_reaction(w, args.swaps)),
         ("reaction_1000", lambda w: bench_reaction(w, args.large_swaps, base=args.adapters)),
         ("convergence", lambda w: bench_convergence(w, args.adapters, args.load_delay, args.idle_seconds)),
+        ("rollout", lambda w: bench_rollout(w, args.rollout_adapters, args.rollout_load_delay)),
+        ("swap", lambda w: bench_swap(w, args.rollout_load_delay)),
     ]
     if args.vllm:
         reason = vllm_unavailable()
@@ -860,7 +1059,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold-reps", type=int, default=5, help="cold starts to take the median of")
     parser.add_argument("--vllm-adapters", type=int, default=50, help="adapters for the real-vLLM row")
     parser.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip the real-vLLM row")
-    parser.add_argument("--only", help="comma-separated steps: cold_start,reaction,reaction_1000,convergence,vllm")
+    parser.add_argument("--rollout-adapters", type=int, default=20, help="adapters of the slow-load rollout row")
+    parser.add_argument("--rollout-load-delay", type=float, default=1.5,
+                        help="seconds each load takes on the fake in the rollout and version-swap rows")
+    parser.add_argument("--only", help="comma-separated steps: cold_start,reaction,reaction_1000,convergence,"
+                        "rollout,swap,vllm")
     parser.add_argument("--profile", action="store_true", help="py-spy profiles of convergence and idle instead")
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second (--profile)")
     parser.add_argument("--profile-idle-seconds", type=float, default=20.0, help="idle window under py-spy")

@@ -5,18 +5,34 @@ server answering them (status codes, JSON error bodies, the plain-text 200 bodie
 no Content-Type), decides adapter validity from the real filesystem as vLLM does, and adds a
 control surface under /_fake/ (no auth) to observe requests and inject faults.
 
+GET /version answers {"version": V} without a key (version=None: 404, a server without the route).
+A load with load_inplace=True is remembered per adapter while its flag sticks, as on vLLM <= 0.32
+(also an unknown version); from 0.33 on it does not: see inplace_sticky(). normalize_root=True makes
+/v1/models report each adapter's root without a trailing "/" (adapters() keeps it as sent).
+
+Faults (one at a time; set_fault(mode, ...) or POST /_fake/fault {"mode": ..., ...}):
+health503 (/health 503), hang (vLLM routes answer nothing until cleared), load500,
+garbage_models (variant=not_json|wrong_type|missing_keys), slow_load (seconds=S per load),
+load_noop (load answers 200, nothing changes), unload_noop (unload answers 200, the adapter stays),
+load_status (status=N: load answers N with vLLM's JSON error body, nothing changes),
+models_drop (GET /v1/models closes the connection unanswered; /health stays 200),
+echo_auth (load answers 500 quoting the request's Authorization header, as a careless proxy might).
+
 Known differences from vLLM: the text of 400 validation errors only resembles pydantic's;
-/metrics is not served; an injected fault survives restart() (clear it with set_fault("none")).
+/metrics is not served; an injected fault survives restart() (clear it with set_fault("none"));
+a sticky load_inplace flag is only recorded: completions do not re-read the adapter's files.
 
 In-process:
 
-    server = FakeVLLM(port=0).start()     # server.url, server.port
-    server.requests(); server.adapters(); server.set_fault("hang"); server.restart(down_seconds=1)
+    server = FakeVLLM(port=0, version="0.32.0").start()     # server.url, server.port
+    server.requests(); server.adapters(); server.inplace_sticky(); server.state()
+    server.set_fault("hang"); server.set_fault("load_status", status=503); server.restart(down_seconds=1)
     server.stop()
 
 As a process (prints one line `LISTENING <port>` once it accepts connections; exits 0 on SIGTERM):
 
-    python tests/fake_vllm.py --port 0 [--api-key K] [--no-runtime-lora] [--load-delay S] ...
+    python tests/fake_vllm.py --port 0 [--api-key K] [--no-runtime-lora] [--load-delay S]
+        [--version-string V] [--normalize-root] ...
 
 Standard library only, so any venv (or none) can run it.
 """
@@ -28,6 +44,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -38,6 +55,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.message import Message
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -45,7 +63,8 @@ from urllib.parse import urlsplit
 
 # --- Inventory ------------------------------------------------------------------------------
 
-FAULT_MODES = ("none", "health503", "hang", "load500", "garbage_models", "slow_load")
+FAULT_MODES = ("none", "health503", "hang", "load500", "garbage_models", "slow_load", "load_noop", "unload_noop",
+               "load_status", "models_drop", "echo_auth")
 GARBAGE_VARIANTS = ("not_json", "wrong_type", "missing_keys")
 
 # Routes that exist only with VLLM_ALLOW_RUNTIME_LORA_UPDATING=true (else 404 {"detail":"Not Found"}).
@@ -53,6 +72,9 @@ LORA_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 # vLLM's utility-call wrapper: engine errors reach the HTTP answer as "Call to add_lora method failed: ...".
 ADD_LORA_FAILED = "Call to add_lora method failed: "
+
+# Statuses fault "load_status" may answer with.
+ERROR_STATUSES = frozenset(s.value for s in HTTPStatus if s >= 400)
 
 # uvicorn closes idle keep-alive connections after 5 s; clients must cope with that race.
 UVICORN_KEEP_ALIVE_S = 5.0
@@ -83,6 +105,8 @@ class FakeConfig:
     load_delay: float = 0.0  # seconds each load holds the engine
     keep_alive_timeout: float = UVICORN_KEEP_ALIVE_S
     verbose: bool = False  # log requests and handler errors to stderr
+    version: str | None = "0.32.0"  # what GET /version reports; None: the route does not exist
+    normalize_root: bool = False  # /v1/models reports adapter roots without a trailing "/"
 
 
 @dataclass(frozen=True)
@@ -92,9 +116,10 @@ class Fault:
     mode: str = "none"
     variant: str | None = None  # garbage_models only
     seconds: float | None = None  # slow_load only
+    status: int | None = None  # load_status only
 
     @staticmethod
-    def make(mode: str, variant: str | None = None, seconds: float | None = None) -> Fault:
+    def make(mode: str, variant: str | None = None, seconds: float | None = None, status: int | None = None) -> Fault:
         """Validate a fault request; ValueError says what is wrong."""
         if mode not in FAULT_MODES:
             raise ValueError(f"unknown fault mode {mode!r}; expected one of {', '.join(FAULT_MODES)}")
@@ -107,10 +132,14 @@ class Fault:
             if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
                 raise ValueError("slow_load needs a number of seconds >= 0")
             return Fault(mode, seconds=float(seconds))
+        if mode == "load_status":
+            if isinstance(status, bool) or status not in ERROR_STATUSES:
+                raise ValueError("load_status needs a status: an HTTP error code such as 429 or 503")
+            return Fault(mode, status=status)
         return Fault(mode)
 
     def to_json(self) -> JsonObject:
-        return {"mode": self.mode, "variant": self.variant, "seconds": self.seconds}
+        return {"mode": self.mode, "variant": self.variant, "seconds": self.seconds, "status": self.status}
 
 
 @dataclass(frozen=True)
@@ -318,6 +347,12 @@ def check_adapter(name: str, path: str, max_rank: int) -> Reply | None:
     return None
 
 
+def inplace_sticks(version: str | None) -> bool:
+    """Whether vLLM of this version keeps load_inplace on the stored request: <= 0.32, or unknown."""
+    match = re.match(r"\s*v?(\d+)\.(\d+)", version or "")  # "0.32.0", "0.33.1", "0.32.0+cpu", "0.33.0rc1"
+    return match is None or (int(match[1]), int(match[2])) <= (0, 32)
+
+
 def make_adapter(folder: str | os.PathLike[str], rank: int = 8, **extra: Any) -> Path:
     """Create an adapter folder the fake accepts (adapter_config.json only; no weights needed)."""
     path = Path(folder)
@@ -521,6 +556,8 @@ class FakeVLLM:
         max_model_len: int = 128,
         keep_alive_timeout: float = UVICORN_KEEP_ALIVE_S,
         verbose: bool = False,
+        version: str | None = "0.32.0",
+        normalize_root: bool = False,
     ) -> None:
         if served_model_name is None:
             names: tuple[str, ...] = (model,)  # vLLM serves the --model value when no name is given
@@ -532,13 +569,14 @@ class FakeVLLM:
             host=host, port=port, api_key=api_key, model=model, served_model_names=names,
             max_lora_rank=max_lora_rank, max_model_len=max_model_len, runtime_lora=runtime_lora,
             inplace_supported=inplace_supported, accept_any_path=accept_any_path, load_delay=load_delay,
-            keep_alive_timeout=keep_alive_timeout, verbose=verbose,
+            keep_alive_timeout=keep_alive_timeout, verbose=verbose, version=version, normalize_root=normalize_root,
         )
         self._log = RequestLog()
         # _lock guards the engine state below; _changed wakes handlers held by the "hang" fault.
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._adapters: dict[str, str] = {}
+        self._sticky: set[str] = set()  # adapters last loaded with a load_inplace flag that stuck
         self._fault = Fault()
         self._last_created = 0
         self._name_locks: dict[str, threading.Lock] = {}
@@ -636,12 +674,14 @@ class FakeVLLM:
                     self._changed.notify_all()  # release handlers held by "hang"
                     if not keep_adapters:
                         self._adapters.clear()
+                        self._sticky.clear()
                 listener.shutdown()
                 listener.server_close()
                 listener.cut_connections(spare)
             elif not keep_adapters:
                 with self._lock:
                     self._adapters.clear()
+                    self._sticky.clear()
 
     def _schedule_start(self, down_seconds: float) -> None:
         if down_seconds <= 0:
@@ -689,19 +729,28 @@ class FakeVLLM:
         with self._lock:
             if replace:
                 self._adapters.clear()
+                self._sticky.clear()
             for name, path in adapters.items():
+                self._sticky.discard(name)  # a fresh load or an unload
                 if path is None:
                     self._adapters.pop(name, None)
                 else:
                     self._adapters[name] = path
 
+    def inplace_sticky(self) -> list[str]:
+        """Adapters last loaded with load_inplace=True on a version where the flag sticks (<= 0.32), sorted."""
+        with self._lock:
+            return sorted(self._sticky)
+
     def fault(self) -> Fault:
         with self._lock:
             return self._fault
 
-    def set_fault(self, mode: str, *, variant: str | None = None, seconds: float | None = None) -> Fault:
+    def set_fault(
+        self, mode: str, *, variant: str | None = None, seconds: float | None = None, status: int | None = None
+    ) -> Fault:
         """Put a fault in force (see FAULT_MODES); "none" clears it and releases hung requests."""
-        fault = Fault.make(mode, variant, seconds)
+        fault = Fault.make(mode, variant, seconds, status)
         with self._changed:
             self._fault = fault
             self._changed.notify_all()
@@ -711,8 +760,8 @@ class FakeVLLM:
         self.set_fault("none")
 
     def state(self) -> JsonObject:
-        return {"adapters": self.adapters(), "fault": self.fault().to_json(), "port": self.port,
-                "running": self.running}
+        return {"adapters": self.adapters(), "inplace_sticky": self.inplace_sticky(), "fault": self.fault().to_json(),
+                "port": self.port, "running": self.running}
 
     # -- request dispatch --------------------------------------------------------------------
 
@@ -757,6 +806,8 @@ class FakeVLLM:
             "/v1/models": {"GET": self._models},
             "/v1/completions": {"POST": self._completions},
         }
+        if self.config.version is not None:
+            routes["/version"] = {"GET": self._version}
         if self.config.runtime_lora:
             routes[LORA_ROUTES[0]] = {"POST": self._load}
             routes[LORA_ROUTES[1]] = {"POST": self._unload}
@@ -767,8 +818,13 @@ class FakeVLLM:
     def _health(self, request: Request) -> Reply:
         return Reply(503 if self.fault().mode == "health503" else 200)
 
-    def _models(self, request: Request) -> Reply:
+    def _version(self, request: Request) -> Reply:
+        return json_reply(200, {"version": self.config.version})
+
+    def _models(self, request: Request) -> Reply | None:
         fault = self.fault()
+        if fault.mode == "models_drop":
+            return None
         if fault.mode == "garbage_models":
             return self._garbage_models(fault.variant or GARBAGE_VARIANTS[0])
         return json_reply(200, {"object": "list", "data": self._model_cards()})
@@ -777,7 +833,10 @@ class FakeVLLM:
         config, created = self.config, self._next_created()
         names = config.served_model_names
         base = [model_card(name, config.model, None, config.max_model_len, created) for name in names]
-        return base + [model_card(name, path, names[0], None, created) for name, path in self.adapters().items()]
+        adapters = self.adapters()
+        if config.normalize_root:
+            adapters = {name: path.rstrip("/") or path for name, path in adapters.items()}
+        return base + [model_card(name, path, names[0], None, created) for name, path in adapters.items()]
 
     def _next_created(self) -> int:
         # vLLM stamps `created` at answer time. Forcing a new value on every call keeps a client
@@ -818,6 +877,13 @@ class FakeVLLM:
         })
 
     def _load(self, request: Request) -> Reply | None:
+        fault = self.fault()  # these two answer in front of vLLM, as a proxy or an overloaded server would
+        if fault.mode == "load_status" and fault.status is not None:
+            status = HTTPStatus(fault.status)
+            return error_reply(status, f"{status.phrase} (injected fault load_status)", status.phrase)
+        if fault.mode == "echo_auth":
+            auth = request.headers.get("Authorization", "")
+            return error_reply(500, f"upstream rejected request with Authorization: {auth}", "InternalServerError")
         load = parse_load_request(request)
         if isinstance(load, Reply):
             return load
@@ -847,6 +913,8 @@ class FakeVLLM:
             fault = self.fault()
             if fault.mode == "load500":
                 return error_reply(500, f"{ADD_LORA_FAILED}injected fault load500", "InternalServerError")
+            if fault.mode == "load_noop":
+                return text_reply(200, f"Success: LoRA adapter '{load.lora_name}' added successfully.")
             delay = fault.seconds if fault.mode == "slow_load" and fault.seconds is not None else self.config.load_delay
             if stopped.wait(delay):
                 return None  # the server went down mid-load: the load is lost, nobody answers
@@ -858,6 +926,11 @@ class FakeVLLM:
                 if stopped.is_set():
                     return None
                 self._adapters[load.lora_name] = load.lora_path  # an in-place reload keeps its list position
+                # vLLM <= 0.32 keeps the flag on the stored request (and rereads the files each step).
+                if load.load_inplace and self.config.inplace_supported and inplace_sticks(self.config.version):
+                    self._sticky.add(load.lora_name)
+                else:
+                    self._sticky.discard(load.lora_name)
         return text_reply(200, f"Success: LoRA adapter '{load.lora_name}' added successfully.")
 
     def _unload(self, request: Request) -> Reply | None:
@@ -872,7 +945,9 @@ class FakeVLLM:
             with self._engine_lock, self._lock:
                 if request.stopped.is_set():
                     return None
-                self._adapters.pop(name, None)
+                if self._fault.mode != "unload_noop":
+                    self._adapters.pop(name, None)
+                    self._sticky.discard(name)
         return text_reply(200, f"Success: LoRA adapter '{name}' removed successfully.")
 
     def _name_lock(self, name: str) -> threading.Lock:
@@ -915,7 +990,8 @@ class FakeVLLM:
         return json_reply(200, {"adapters": self.adapters()})
 
     def _control_fault(self, request: Request, body: JsonObject) -> Reply:
-        fault = self.set_fault(str(body.get("mode", "")), variant=body.get("variant"), seconds=body.get("seconds"))
+        fault = self.set_fault(str(body.get("mode", "")), variant=body.get("variant"), seconds=body.get("seconds"),
+                               status=body.get("status"))
         return json_reply(200, fault.to_json())
 
     def _control_restart(self, request: Request, body: JsonObject) -> Reply:
@@ -945,6 +1021,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-inplace", action="store_true", help="ignore load_inplace, like an older vLLM")
     p.add_argument("--accept-any-path", action="store_true", help="any non-empty lora_path loads")
     p.add_argument("--load-delay", type=float, default=0.0, help="seconds each load takes (loads run one at a time)")
+    p.add_argument("--version-string", default="0.32.0", metavar="V",
+                   help='what GET /version reports; "" means no such route (404)')
+    p.add_argument("--normalize-root", action="store_true",
+                   help='/v1/models lists adapter roots without a trailing "/"')
     p.add_argument("--verbose", action="store_true", help="log requests to stderr")
     return p.parse_args(argv)
 
@@ -960,6 +1040,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_lora_rank=args.max_lora_rank, runtime_lora=not args.no_runtime_lora,
         inplace_supported=not args.no_inplace, accept_any_path=args.accept_any_path, load_delay=args.load_delay,
         host=args.host, max_model_len=args.max_model_len, verbose=args.verbose,
+        version=args.version_string or None, normalize_root=args.normalize_root,
     )
     try:
         server.start()

@@ -53,6 +53,7 @@ FAULT_SECONDS = 2.5  # how long each server fault lasts: longer than the request
 RECOVERY_BOUND = 10.0  # the stated bound: the server matches the config this long after the fault ends
 BASELINE_TIMEOUT = 15.0  # to reach the starting point of the next scenario
 ADOPTION_SLACK = 0.5  # a request sent just before the sidecar adopted a newer config may arrive this late
+STAGING = "~staging"  # the name a version is proven under before the serving one is swapped (sidecar.py)
 SIDECAR_FLAGS = (
     "--reconcile-trigger", "0.5", "--request-timeout", "1", "--health-check-interval", "0.2",
     "--watch-interval", "0.05", "--log-format", "json",
@@ -154,21 +155,32 @@ def judge(requests_log: Iterable[Mapping[str, Any]], writes: list[tuple[float, C
             continue
         end = adoptions[k + 1].t + ADOPTION_SLACK if k + 1 < len(adoptions) else float("inf")
         spans.append((start, end, config))
-    for entry in requests_log:
-        if not since <= entry["t"] < until or entry["path"] not in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
-            continue
+    entries = sorted((e for e in requests_log if since <= e["t"] < until
+                      and e["path"] in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")), key=lambda e: e["t"])
+    for index, entry in enumerate(entries):
         body = entry["body"] if isinstance(entry["body"], dict) else {}
         name = body.get("lora_name")
         in_force = [c for start, end, c in spans if start <= entry["t"] <= end]
         if entry["path"] == "/v1/unload_lora_adapter":
             verdict.unloads += 1
-            if not any(name in c.not_exist for c in in_force):
+            if not any(name in c.not_exist or name.endswith(STAGING) or swapped(entries[index + 1:], name, c)
+                       for c in in_force):
                 verdict.wrong_unloads.append(f"unload {name!r} at {entry['t']:.2f}")
         else:
             verdict.loads += 1
+            name = name.removesuffix(STAGING) if isinstance(name, str) else name
             if not any(c.exist.get(name) == body.get("lora_path") for c in in_force):
                 verdict.wrong_loads.append(f"load {name!r} from {body.get('lora_path')!r} at {entry['t']:.2f}")
     return verdict
+
+
+def swapped(later: Iterable[Mapping[str, Any]], name: str, config: Config) -> bool:
+    """An unload that is half of a version swap: the next call for that name loads the config's source."""
+    for entry in later:
+        body = entry["body"] if isinstance(entry["body"], dict) else {}
+        if body.get("lora_name") == name:
+            return entry["path"] == "/v1/load_lora_adapter" and body.get("lora_path") == config.exist.get(name)
+    return False
 
 
 def matches(adapters: Mapping[str, str], config: Config) -> bool:

@@ -321,6 +321,74 @@ def test_unknown_routes_and_wrong_methods(server):
     assert (response.status_code, response.json()) == (405, {"detail": "Method Not Allowed"})
 
 
+@pytest.mark.parametrize("version", ["0.32.0", "0.33.1", "0.32.0+cpu"])
+def test_version_answers_without_a_key(paths, version):
+    with FakeVLLM(api_key="sekret", version=version) as fake:
+        response = requests.get(fake.url + "/version", timeout=5)
+        assert (response.status_code, response.json()) == (200, {"version": version})
+        assert response.headers["Content-Type"] == "application/json"
+        assert [(e["method"], e["path"], e["status"]) for e in fake.requests()] == [("GET", "/version", 200)]
+
+
+def test_a_server_without_version_answers_404(server):
+    assert requests.get(server.url + "/version", timeout=5).json() == {"version": "0.32.0"}  # the default
+    with FakeVLLM(version=None) as fake:
+        response = requests.get(fake.url + "/version", timeout=5)
+    assert (response.status_code, response.json()) == (404, {"detail": "Not Found"})
+
+
+@pytest.mark.parametrize(
+    ("version", "sticks"),
+    [("0.32.0", True), ("0.32.0+cpu", True), ("0.31.2", True), (None, True), ("unknown", True),
+     ("0.33.0", False), ("0.33.1", False), ("0.33.0rc1", False), ("1.0.0", False)],
+)
+def test_load_inplace_sticks_up_to_0_32(paths, version, sticks):
+    with FakeVLLM(version=version) as fake:
+        load(fake, "a1", paths.good)
+        load(fake, "a2", paths.good)
+        assert fake.inplace_sticky() == []  # fresh loads
+        assert load(fake, "a2", paths.other, load_inplace=True).status_code == 200
+        assert load(fake, "a1", paths.other, load_inplace=True).status_code == 200
+        expected = ["a1", "a2"] if sticks else []
+        assert fake.inplace_sticky() == expected
+        assert fake.state()["inplace_sticky"] == expected
+        assert requests.get(fake.url + "/_fake/state", timeout=5).json()["inplace_sticky"] == expected
+        assert fake.adapters() == {"a1": paths.other, "a2": paths.other}
+
+
+def test_a_fresh_load_or_an_unload_clears_a_sticky_flag(server, paths):
+    load(server, "a1", paths.good, load_inplace=True)  # in place on a new name: the flag is stored too
+    load(server, "a2", paths.good)
+    load(server, "a2", paths.other, load_inplace=True)
+    assert server.inplace_sticky() == ["a1", "a2"]
+    assert unload(server, "a1").status_code == 200
+    assert server.inplace_sticky() == ["a2"]
+    load(server, "a1", paths.good)
+    assert server.inplace_sticky() == ["a2"]
+    assert load(server, "a2", paths.good, load_inplace=False).status_code == 400  # refused: the flag stays
+    assert server.inplace_sticky() == ["a2"]
+    server.set_adapters({"a2": paths.good})  # reloaded fresh behind the sidecar's back
+    assert server.inplace_sticky() == []
+    load(server, "a1", paths.other, load_inplace=True)
+    server.restart()
+    assert server.inplace_sticky() == []
+
+
+def test_an_older_vllm_never_sticks(paths):
+    with FakeVLLM(inplace_supported=False) as fake:
+        load(fake, "a1", paths.good, load_inplace=True)
+        assert fake.inplace_sticky() == []
+
+
+def test_normalize_root_strips_the_trailing_slash_in_models_only(paths):
+    with FakeVLLM(normalize_root=True) as fake:
+        load(fake, "slash", paths.good + "/")
+        load(fake, "plain", paths.other)
+        assert [(m["id"], m["root"]) for m in models(fake)] == [
+            ("base", "/models/base"), ("slash", paths.good), ("plain", paths.other)]
+        assert fake.adapters() == {"slash": paths.good + "/", "plain": paths.other}
+
+
 # --- /_fake/ controls -----------------------------------------------------------------------
 
 
@@ -423,11 +491,64 @@ def test_slow_load_makes_each_load_take_that_long(server, paths):
 
 
 @pytest.mark.parametrize("body", [{"mode": "bogus"}, {"mode": "garbage_models", "variant": "bogus"},
-                                  {"mode": "slow_load"}, {}])
+                                  {"mode": "slow_load"}, {"mode": "load_status"},
+                                  {"mode": "load_status", "status": 200}, {"mode": "load_status", "status": "503"},
+                                  {"mode": "load_status", "status": True}, {}])
 def test_an_unknown_fault_is_refused(server, body):
     response = requests.post(server.url + "/_fake/fault", json=body, timeout=5)
     assert response.status_code == 400
     assert server.fault().mode == "none"
+
+
+def test_load_noop_answers_200_and_changes_nothing(server, paths):
+    load(server, "a1", paths.good)
+    requests.post(server.url + "/_fake/fault", json={"mode": "load_noop"}, timeout=5)
+    assert_plain_200(load(server, "a2", paths.good), "Success: LoRA adapter 'a2' added successfully.")
+    assert_plain_200(load(server, "a1", paths.other, load_inplace=True),
+                     "Success: LoRA adapter 'a1' added successfully.")
+    assert [(m["id"], m["root"]) for m in models(server)] == [("base", "/models/base"), ("a1", paths.good)]
+    assert server.inplace_sticky() == []
+
+
+def test_unload_noop_answers_200_and_the_adapter_stays_listed(server, paths):
+    load(server, "a1", paths.good)
+    server.set_fault("unload_noop")
+    assert_plain_200(unload(server, "a1"), "Success: LoRA adapter 'a1' removed successfully.")
+    assert [m["id"] for m in models(server)] == ["base", "a1"]
+    assert unload(server, "nope").status_code == 404  # an unknown name is still unknown
+
+
+@pytest.mark.parametrize(("status", "phrase"), [(429, "Too Many Requests"), (503, "Service Unavailable")])
+def test_load_status_answers_that_status_with_a_vllm_error_body(server, paths, status, phrase):
+    load(server, "a1", paths.good)
+    response = requests.post(server.url + "/_fake/fault", json={"mode": "load_status", "status": status}, timeout=5)
+    assert response.json() == {"mode": "load_status", "variant": None, "seconds": None, "status": status}
+    assert_error(load(server, "a2", paths.good), status, f"{phrase} (injected fault load_status)", phrase)
+    assert load(server, "a1", paths.other, load_inplace=True).status_code == status
+    assert server.adapters() == {"a1": paths.good}
+    assert requests.get(server.url + "/health", timeout=5).status_code == 200
+    assert unload(server, "a1").status_code == 200  # only loads are refused
+    assert server.set_fault("load_status", status=status).status == status  # the in-process form
+
+
+def test_models_drop_closes_the_connection_while_health_answers(server):
+    server.set_fault("models_drop")
+    with pytest.raises(requests.ConnectionError):
+        requests.get(server.url + "/v1/models", timeout=5)
+    assert requests.get(server.url + "/health", timeout=5).status_code == 200
+    assert [(e["path"], e["status"]) for e in server.requests()] == [("/v1/models", None), ("/health", 200)]
+    server.clear_fault()
+    assert [m["id"] for m in models(server)] == ["base"]
+
+
+def test_echo_auth_puts_the_authorization_header_in_a_500(paths):
+    with FakeVLLM(api_key="sekret") as fake:
+        fake.set_fault("echo_auth")
+        response = requests.post(fake.url + LOAD, headers={"Authorization": "Bearer sekret"},
+                                 json={"lora_name": "a1", "lora_path": paths.good}, timeout=5)
+        assert_error(response, 500, "upstream rejected request with Authorization: Bearer sekret",
+                     "InternalServerError")
+        assert fake.adapters() == {}
 
 
 def test_http_restart_drops_adapters_and_refuses_connections_meanwhile(server, paths):
@@ -475,6 +596,29 @@ def test_runs_as_a_process_and_exits_on_sigterm(paths):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=2) == 0
         assert proc.stdout.read() == ""  # exactly one line
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize(("args", "version", "root_suffix"),
+                         [(["--version-string", "0.33.1", "--normalize-root"], 200, ""),
+                          (["--version-string", ""], 404, "/")])
+def test_process_flags_for_version_and_root(paths, args, version, root_suffix):
+    script = Path(__file__).with_name("fake_vllm.py")
+    proc = subprocess.Popen([sys.executable, str(script), "--port", "0", *args], stdout=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{int(proc.stdout.readline().split()[1])}"
+        response = requests.get(url + "/version", timeout=5)
+        assert response.status_code == version
+        if version == 200:
+            assert response.json() == {"version": "0.33.1"}
+        response = requests.post(url + LOAD, json={"lora_name": "a1", "lora_path": paths.good + "/"}, timeout=5)
+        assert response.status_code == 200
+        data = requests.get(url + "/v1/models", timeout=5).json()["data"]
+        assert data[1]["root"] == paths.good + root_suffix
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
     finally:
         proc.kill()
         proc.wait()

@@ -38,6 +38,7 @@ StartSidecar = Callable[..., Sidecar]
 
 MODELS = ("GET", "/v1/models")
 HEALTH = ("GET", "/health")
+VERSION = ("GET", "/version")
 LOAD = ("POST", "/v1/load_lora_adapter")
 
 
@@ -96,7 +97,7 @@ def test_converges_from_start_with_one_load_each(fake, adapter_paths, kubelet, s
     assert bodies == sorted(({"lora_name": k, "lora_path": v} for k, v in paths.items()), key=lambda b: b["lora_name"])
     assert all(e["status"] == 200 for e in log)
     assert not unloads(log)
-    assert set(vllm_calls(log)) <= {HEALTH, MODELS, LOAD}
+    assert set(vllm_calls(log)) <= {HEALTH, VERSION, MODELS, LOAD}
 
 
 def test_kubelet_config_swap_is_acted_on_within_one_second(fake, adapter_paths, kubelet, start_sidecar):
@@ -113,7 +114,7 @@ def test_kubelet_config_swap_is_acted_on_within_one_second(fake, adapter_paths, 
         (lora_config(fake.port, {"b": paths["b"], "c": paths["c"]}, {"a": paths["a"]}),
          lambda log, t: unloads(log, "a", t)),
         (lora_config(fake.port, {"b": moved, "c": paths["c"]}, {"a": paths["a"]}),
-         lambda log, t: [e for e in loads(log, "b", t) if e["body"].get("load_inplace")]),
+         lambda log, t: [e for e in loads(log, "b", t) if e["body"]["lora_path"] == moved]),
     ]
     for text, acted in steps:  # three swaps in a row: the watch survives the old folder's deletion
         swapped = time.monotonic()
@@ -443,24 +444,25 @@ def test_ensure_not_exist_is_unloaded_and_unnamed_adapters_are_never_touched(
     assert fake.adapters() == {"y": paths["y"], "z": paths["z"], "a": paths["a"]}
 
 
-def test_changed_source_is_reloaded_in_place(fake, adapter_paths, kubelet, start_sidecar):
+def test_changed_source_is_reloaded_in_place_on_vllm_0_33(adapter_paths, kubelet, start_sidecar):
     paths = adapter_paths(["v1", "v2"])
-    kubelet.write(lora_config(fake.port, {"a": paths["v1"]}))
-    sidecar = run(start_sidecar, kubelet.path)
-    converge(fake, {"a": paths["v1"]})
+    with FakeVLLM(port=0, version="0.33.0") as fake:
+        kubelet.write(lora_config(fake.port, {"a": paths["v1"]}))
+        sidecar = run(start_sidecar, kubelet.path)
+        converge(fake, {"a": paths["v1"]})
 
-    swapped = time.monotonic()
-    kubelet.write(lora_config(fake.port, {"a": paths["v2"]}))
-    converge(fake, {"a": paths["v2"]}, timeout=2.0)
-    calls = [(e["path"], e["body"], e["status"]) for e in posts(fake.requests(), swapped)]
-    assert calls == [
-        ("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": paths["v2"], "load_inplace": True}, 200)
-    ]
-    wait_until(lambda: sidecar.status()["adapters"]["a"]["last_action"] == "reload", 2.0)
-    assert sidecar.metrics().value("lora_sidecar_operations_total", op="reload", result="success") == 1
+        swapped = time.monotonic()
+        kubelet.write(lora_config(fake.port, {"a": paths["v2"]}))
+        converge(fake, {"a": paths["v2"]}, timeout=2.0)
+        calls = [(e["path"], e["body"], e["status"]) for e in posts(fake.requests(), swapped)]
+        assert calls == [
+            ("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": paths["v2"], "load_inplace": True}, 200)
+        ]
+        wait_until(lambda: sidecar.status()["adapters"]["a"]["last_action"] == "reload", 2.0)
+        assert sidecar.metrics().value("lora_sidecar_operations_total", op="reload", result="success") == 1
 
 
-def test_reload_falls_back_to_unload_and_load_on_an_older_vllm(adapter_paths, kubelet, start_sidecar):
+def test_reload_on_an_older_vllm_stages_the_new_version_then_unloads_and_loads(adapter_paths, kubelet, start_sidecar):
     paths = adapter_paths(["v1", "v2"])
     with FakeVLLM(port=0, inplace_supported=False) as fake:
         kubelet.write(lora_config(fake.port, {"a": paths["v1"]}))
@@ -473,7 +475,8 @@ def test_reload_falls_back_to_unload_and_load_on_an_older_vllm(adapter_paths, ku
         wait_cycles(fake, 1)
         calls = [(e["path"], e["body"], e["status"]) for e in posts(fake.requests(), swapped)]
     assert calls == [
-        ("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": paths["v2"], "load_inplace": True}, 400),
+        ("/v1/load_lora_adapter", {"lora_name": "a~staging", "lora_path": paths["v2"]}, 200),
+        ("/v1/unload_lora_adapter", {"lora_name": "a~staging"}, 200),
         ("/v1/unload_lora_adapter", {"lora_name": "a"}, 200),
         ("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": paths["v2"]}, 200),
     ]
@@ -519,7 +522,7 @@ def test_metrics_and_status_after_convergence(fake, adapter_paths, kubelet, star
     assert status["config"]["sha256"] == hashlib.sha256(kubelet.path.read_bytes()).hexdigest()
     assert status["config"]["error"] is None
     assert status["config"]["last_read"]
-    assert status["server"] == {"url": fake.url, "up": True}
+    assert status["server"] == {"url": fake.url, "up": True, "version": "0.32.0", "error": None}
     assert status["in_sync"] is True
     for name, source in paths.items():
         a = status["adapters"][name]
@@ -745,11 +748,11 @@ def test_a_load_that_times_out_is_an_action_line_with_duration(fake, adapter_pat
     kubelet.write(lora_config(fake.port, paths))
     fake.set_fault("slow_load", seconds=1.5)
     try:
-        sidecar = run(start_sidecar, kubelet.path, "--request-timeout", "0.5")
+        sidecar = run(start_sidecar, kubelet.path, "--load-timeout", "0.5")
         line = json.loads(sidecar.wait_for_log(lambda text: '"action"' in text and '"error"' in text, 5.0))
     finally:
         fake.clear_fault()
-    assert (line["adapter"], line["action"], line["result"]) == ("a", "load", "error")
+    assert (line["adapter"], line["action"], line["result"]) == ("a", "load", "timeout")
     assert "duration_s" in line, line
 
 

@@ -50,6 +50,7 @@ from hypothesis.control import currently_in_test_context
 
 import sidecar
 from sidecar import (
+    STAGING_SUFFIX,
     Adapter,
     ConfigError,
     DesiredState,
@@ -134,11 +135,17 @@ ODD_CHARS += "e\u0301ﬀ:#&*!|>'\"%@`{}[],-?"
 odd_text = st.text(alphabet=ODD_CHARS, max_size=16) | st.text(st.characters(codec="utf-8"), max_size=16)
 odd_name = st.text(alphabet=ODD_CHARS, min_size=1, max_size=16) | st.text(st.characters(codec="utf-8"), min_size=1,
                                                                         max_size=16)
+# Valid names are printable (validation.yaml's `printable`): the odd characters that are.
+PRINTABLE_ODD = "".join(c for c in ODD_CHARS if c.isprintable())
+NOT_PRINTABLE = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs")
+printable_text = (st.text(alphabet=PRINTABLE_ODD, max_size=16)
+                  | st.text(st.characters(codec="utf-8", exclude_categories=NOT_PRINTABLE), max_size=16))
+printable_name = printable_text.filter(bool)
 ID_POOL = ("a", "b", "adapter-1", "base", "ünïcödé", "id with spaces", "../../etc/passwd", "$(rm -rf /)", "0x1F",
            "yes", "null", "~", "2024-01-01", "1e3", "-", "*", "&a")
-ids = st.sampled_from(ID_POOL) | odd_name
-sources = st.sampled_from(("/adapters/a", "org/repo", "../up", "s3://x", "C:\\x", "'quoted'")) | odd_name
-base_models = st.sampled_from(("base", "/models/base", "Qwen/Qwen3-32B")) | odd_name
+ids = st.sampled_from(ID_POOL) | printable_name
+sources = st.sampled_from(("/adapters/a", "org/repo", "../up", "s3://x", "C:\\x", "'quoted'")) | printable_name
+base_models = st.sampled_from(("base", "/models/base", "Qwen/Qwen3-32B")) | printable_name
 
 # Strategies are built once: building them inside a draw costs more than the draw itself.
 BOOLS = st.booleans()
@@ -159,10 +166,10 @@ BLOCK_OR_FLOW = st.sampled_from(("block", "flow"))
 MUTATED_STYLES = st.sampled_from(("block", "flow", "configmap"))
 EDITS = st.sampled_from(("delete", "insert", "replace"))
 OPTIONAL_FIELDS = {
-    "host": st.sampled_from(("localhost", "vllm", "::1", "10.0.0.1")) | odd_name,
+    "host": st.sampled_from(("localhost", "vllm", "::1", "[fd00::1]", "10.0.0.1", "vllm.ns.svc.cluster.local")),
     "port": st.integers(1, 65535),
     "scheme": st.sampled_from(("http", "https")),
-    "name": odd_text,
+    "name": printable_text,
     "defaultBaseModel": base_models,
 }
 
@@ -241,7 +248,7 @@ def expected_state(document: dict[str, Any]) -> tuple[list[Adapter], list[Adapte
     drop = (body.get("ensureNotExist") or {}).get("models", [])
     exist = [adapter(m) for m in keep if m.get("toRemove") is not True]
     not_exist = [adapter(m) for m in keep if m.get("toRemove") is True] + [adapter(m) for m in drop]
-    server = {"host": body.get("host", "localhost"), "port": body.get("port", 8000),
+    server = {"host": body.get("host", "localhost").strip("[]"), "port": body.get("port", 8000),
               "scheme": body.get("scheme", "http"), "name": body.get("name", "")}
     return exist, not_exist, server
 
@@ -810,18 +817,22 @@ def check_cycle(calls: list[Call], desired: DesiredState) -> int:
     for i in posts:
         call = calls[i]
         name = call.body.get("lora_name")
+        staged_for = name.removesuffix(STAGING_SUFFIX) if name.endswith(STAGING_SUFFIX) else None
         if call.route == "load":
-            assert name in keep, f"load of {name!r}, which ensureExist does not name"
-            assert call.body["lora_path"] == keep[name].source
+            wanted = keep.get(staged_for or name)
+            assert wanted, f"load of {name!r}, which ensureExist does not name"
+            assert call.body["lora_path"] == wanted.source
             assert set(call.body) <= {"lora_name", "lora_path", "load_inplace"}
             if call.body.get("load_inplace"):
-                assert listed.get(name) not in (None, keep[name].source), f"needless in-place reload of {name!r}"
+                assert listed.get(name) not in (None, wanted.source), f"needless in-place reload of {name!r}"
             continue
         assert set(call.body) == {"lora_name"}
-        refused_inplace = [c for c in calls[:i] if c.route == "load" and c.body.get("lora_name") == name
-                           and c.body.get("load_inplace") is True and c.answer.status == 400]
-        if name in keep and refused_inplace:
-            fallbacks += 1  # by design: a vLLM without load_inplace gets unload + load for a changed source
+        if staged_for in keep or staged_for in drop:
+            continue  # a staging copy: dropped after a swap, or left over from one
+        proven = [c for c in calls[:i] if c.route == "load" and c.body.get("lora_name") == name + STAGING_SUFFIX
+                  and c.answer.error is None and c.answer.status in (200, 400)]
+        if name in keep and proven and listed.get(name) not in (None, keep[name].source):
+            fallbacks += 1  # by design: a new version proven under the staging name, then unload + load
             continue
         assert name in drop, f"unload of {name!r}, which ensureNotExist does not name"
         assert name in listed, f"unload of {name!r}, which the server did not list"
