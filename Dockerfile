@@ -32,7 +32,8 @@ USER 65532:65532
 # /metrics, /healthz, /readyz, /status (--metrics-port).
 EXPOSE 8080
 
-# As a module, not as `python /app/sidecar.py`: CPython keeps a script's whole
-# syntax tree in memory for as long as the script runs (3 MB of a ~38 MB process),
-# while a module's compiled code comes from the .pyc above.
+# As a module, not as `python /app/sidecar.py`: CPython frees a script's syntax tree
+# only when the script returns (pyrun_file frees the arena after run_mod), a module's
+# right after compiling it. Measured at idle (Python 3.11): 39.9 MB as a script,
+# 36.0 MB as a module, the same with or without the .pyc above.
 ENTRYPOINT ["python", "-m", "sidecar"]

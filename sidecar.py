@@ -10,8 +10,13 @@ file changing. A bad config never unloads anything: the last good one stays
 in force. A failing adapter is retried with backoff without holding up the
 others, and a hung or absent server only delays the next cycle.
 
-Reading order: settings and metrics, data types, config loading, the vLLM
-client, `plan()`, the reconciler, the triggers, the status server, `main()`.
+Reading order: the knobs (every flag with its environment variable and why its
+default is what it is) and the metrics; data types; config loading; the vLLM
+client; the decisions, all pure: `plan()`, then what an answer or a model list
+does to one adapter's record (`AdapterRecord`), which actions are due and when
+the sidecar is ready; the reconciler, which executes a plan and records every
+answer; the triggers (`ConfigSource`, `run_loop`, the one place that decides
+when to reconcile); the status server; `main()`.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cache
@@ -45,9 +50,80 @@ import yaml
 from prometheus_client.core import GaugeMetricFamily
 
 VERSION = "1.0.0"
+
+# ------------------------------------------------------------------ knobs
+# Every flag, its environment variable and its default, and why the default is what it is.
+ENV = "LORA_SIDECAR_"
+FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("--config", "DYNAMIC_LORA_ROLLOUT_CONFIG", dict(
+        default="/config/configmap.yaml", metavar="FILE",  # where deployment.yaml mounts the ConfigMap
+        help="config file: the vLLMLoRAConfig YAML or a whole ConfigMap manifest")),
+    ("--reconcile-trigger", ENV + "RECONCILE_TRIGGER", dict(
+        # How soon a vLLM restart is repaired; in sync a period costs one GET /v1/models.
+        default=5.0, type=float, metavar="S",
+        help="seconds between reconcile cycles (also the first retry delay of a failed adapter)")),
+    ("--watch-interval", ENV + "WATCH_INTERVAL", dict(
+        # A stat() through the kubelet's symlinks; the kubelet itself takes 60-90 s to propagate.
+        default=0.1, type=float, metavar="S", help="seconds between cheap checks (stat) of the config file")),
+    ("--health-check-interval", ENV + "HEALTH_CHECK_INTERVAL", dict(
+        default=2.0, type=float, metavar="S", help="seconds between /health checks while the server is not up")),
+    ("--health-check-timeout", ENV + "HEALTH_CHECK_TIMEOUT", dict(
+        # vLLM takes 25-60 s to start on a CPU, minutes to load a large model on a GPU.
+        default=300.0, type=float, metavar="S",
+        help="seconds to wait for vLLM's /health (--once/--dry-run give up after it; the loop logs it)")),
+    ("--request-timeout", ENV + "REQUEST_TIMEOUT", dict(
+        # The quick calls answer in milliseconds; 10 s only waits out a busy event loop.
+        default=10.0, type=float, metavar="S",
+        help="seconds allowed for each quick call: /health, /version, /v1/models, unload")),
+    ("--load-timeout", ENV + "LOAD_TIMEOUT", dict(
+        # vLLM downloads a Hugging Face id on load: minutes for a large adapter on a slow link.
+        default=600.0, type=float, metavar="S",
+        help="seconds allowed for one load; a load sent with others gets one allowance for each")),
+    ("--config-validation", ENV + "CONFIG_VALIDATION", dict(
+        default=True, action=argparse.BooleanOptionalAction,
+        help="check the config against validation.yaml; off, unknown keys pass and every other rule holds")),
+    ("--metrics-port", ENV + "METRICS_PORT", dict(
+        default=8080, type=int, metavar="PORT", help="port of /metrics, /healthz, /readyz and /status; 0: none")),
+    ("--metrics-address", ENV + "METRICS_ADDRESS", dict(
+        default="::", metavar="ADDR",  # dual stack: probes reach it on IPv4, IPv6 and dual-stack clusters
+        help="address to serve them on; '::' is IPv6 and IPv4 (0.0.0.0 on a host without IPv6)")),
+    ("--api-key-file", ENV + "API_KEY_FILE", dict(
+        default=None, metavar="FILE",
+        help="file holding vLLM's API key (else env VLLM_API_KEY); sent as Authorization: Bearer")),
+    ("--log-level", ENV + "LOG_LEVEL", dict(
+        default="info", type=str.lower, choices=["debug", "info", "warning", "error"], help="log level")),
+    ("--log-format", ENV + "LOG_FORMAT", dict(default="text", choices=["text", "json"], help="log line format")),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the command line and environment can set, read once at start."""
+
+    config_path: Path
+    health_check_timeout: float
+    health_check_interval: float
+    reconcile_period: float
+    watch_interval: float
+    config_validation: bool
+    metrics_port: int
+    metrics_address: str
+    request_timeout: float
+    load_timeout: float = 600.0
+    api_key: str | None = field(default=None, repr=False)
+    log_level: str = "info"
+    log_format: str = "text"
+    mode: str = "run"  # run | once | dry-run | validate
+
+    @property
+    def alive_window(self) -> float:
+        # How long the loop may go without progress: 3 periods and one quick call. A call still
+        # within its own timeout (a load may take minutes) extends it; see Liveness.
+        return 3 * self.reconcile_period + self.request_timeout
+
+
 SCHEMA_PATH = Path(__file__).resolve().with_name("validation.yaml")
 CONFIG_KEY = "vLLMLoRAConfig"
-DEFAULT_CONFIG_PATH = "/config/configmap.yaml"
 BACKOFF_CAP_SECONDS = 300.0
 # Kubernetes caps a ConfigMap at 1 MiB; anything bigger is not a config.
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -65,19 +141,22 @@ STAGING_SUFFIX = "~staging"
 # vLLM <= 0.32 keeps `load_inplace` on the stored request and re-reads the adapter's files on every
 # engine step that uses it (vllm/lora/worker_manager.py); 0.33 resets the flag after the load.
 INPLACE_SAFE_FROM = (0, 33)
-# vLLM stamps every answer to GET /v1/models with a new `created` time and new permission ids,
-# neither of which the sidecar reads. With both set to 0, an unchanged list is byte-equal to the
-# last one and needs no JSON decoding, which is most of an idle cycle at 1000 adapters. Only a
-# JSON integer after "created" and the hex digits of a permission's id are replaced, each by a
-# value of the same kind, so two answers that match afterwards list the same adapters.
-VOLATILE_FIELDS = (re.compile(rb'("created":)(?:0|[1-9][0-9]*)'),
-                   re.compile(rb'("permission":\[\{"id":"modelperm-)[0-9a-f]+'))
 RUNTIME_LORA_HINT = (
     "vLLM has runtime LoRA updating turned off: start it with "
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true and --enable-lora"
 )
 
-log = logging.getLogger("lora-sidecar")
+
+class EventLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """`log.info("load done", adapter="a1")`: keyword arguments are the event's fields (LogFormatter)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        fields = {k: kwargs.pop(k) for k in list(kwargs) if k not in ("exc_info", "stack_info", "stacklevel")}
+        return msg, {**kwargs, "extra": {"fields": fields}}
+
+
+logger = logging.getLogger("lora-sidecar")
+log = EventLog(logger)
 # libyaml's safe loader when PyYAML has it (10x faster on large configs); both are safe.
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -85,7 +164,6 @@ SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 prom.disable_created_metrics()  # *_created series only add noise to every counter and histogram
 # Per-adapter series are built from the reconciler's records at scrape time (AdapterMetrics),
 # so they cost nothing per cycle and leave with the adapter when it leaves the config.
-ADAPTER_STATES = ("loaded", "pending", "failed", "absent", "skipped")
 ADAPTER_LOADED = ("lora_sidecar_adapter_loaded",
                   "1 when the server lists an ensureExist adapter with the desired source, else 0.")
 ADAPTER_STATE = ("lora_sidecar_adapter_state", "One-hot state of each adapter named in the config.")
@@ -114,6 +192,15 @@ CONFIG_LAST_CHANGE = prom.Gauge(
     "lora_sidecar_config_last_change_timestamp_seconds",
     "Unix time at which a new valid config was adopted.",
 )
+CANARIES = prom.Counter("lora_sidecar_canary", "Canary completions run, by result (verified, inert, unavailable).",
+                        ["result"])
+for _result in ("verified", "inert", "unavailable"):  # each at 0 from the start, so dashboards find them
+    CANARIES.labels(_result)
+CANARY_SECONDS = prom.Histogram("lora_sidecar_canary_duration_seconds",
+                                "Time to prove an adapter: its completion and (unless cached) its base model's.")
+FOREIGN = prom.Gauge("lora_sidecar_foreign_adapters", "Adapters the server lists that the config does not name.")
+LOST = prom.Counter("lora_sidecar_adapter_lost", "Adapters the sidecar saw loaded that vanished without its unload.",
+                    ["adapter"])
 SERVER_UP = prom.Gauge("lora_sidecar_server_up", "1 when the vLLM server answered its last call.")
 IN_SYNC = prom.Gauge("lora_sidecar_in_sync", "1 when the server matched the config after the last cycle.")
 
@@ -126,6 +213,25 @@ def mask(text: str) -> str:
     for secret in SECRETS:
         text = text.replace(secret, "***")
     return text
+
+
+class Said:
+    """What was last said on each subject, so that each thing is logged once until it changes."""
+
+    def __init__(self) -> None:
+        self._last: dict[Hashable, object] = {}
+
+    def changed(self, subject: Hashable, value: object) -> bool:
+        if subject in self._last and self._last[subject] == value:
+            return False
+        self._last[subject] = value
+        return True
+
+    def first(self, subject: Hashable) -> bool:
+        return self.changed(subject, True)
+
+    def clear(self, subject: Hashable) -> bool:
+        return self._last.pop(subject, None) is not None
 
 
 # One clock for every decision; wall time is derived from it for display.
@@ -149,12 +255,24 @@ def iso_time(monotonic: float | None) -> str | None:
 
 
 @dataclass(frozen=True)
+class Canary:
+    """How to prove that an adapter works: one deterministic completion through it and one through
+    its base model; the same text means the adapter changes nothing (inert)."""
+
+    prompt: str
+    max_tokens: int
+    timeout: float
+    inert_blocks_readiness: bool = False
+
+
+@dataclass(frozen=True)
 class Adapter:
     """One adapter as the config names it; base_model already falls back to defaultBaseModel."""
 
     id: str
     source: str
     base_model: str | None = None
+    canary: Canary | None = None  # None: not proven, only loaded
 
 
 @dataclass(frozen=True)
@@ -214,32 +332,6 @@ class Skip:
 class Plan:
     actions: tuple[Action, ...] = ()
     skipped: tuple[Skip, ...] = ()
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything the command line and environment can set, read once at start."""
-
-    config_path: Path
-    health_check_timeout: float
-    health_check_interval: float
-    reconcile_period: float
-    watch_interval: float
-    config_validation: bool
-    metrics_port: int
-    metrics_address: str
-    request_timeout: float
-    load_timeout: float = 600.0
-    api_key: str | None = field(default=None, repr=False)
-    log_level: str = "info"
-    log_format: str = "text"
-    mode: str = "run"  # run | once | dry-run | validate
-
-    @property
-    def alive_window(self) -> float:
-        # How long the loop may go without progress: 3 periods and one quick call. A call still
-        # within its own timeout (a load may take minutes) extends it; see Liveness.
-        return 3 * self.reconcile_period + self.request_timeout
 
 
 # ------------------------------------------------------------ config loading
@@ -514,7 +606,7 @@ def _build_desired_state(document: dict[str, Any], label: str) -> DesiredState:
     (an id named once across both lists) is checked here."""
     body = document[CONFIG_KEY]
     default_base = body.get("defaultBaseModel")
-    entries = _entries(body, "ensureExist", default_base) + _entries(body, "ensureNotExist", default_base)
+    entries = [entry for key in ("ensureExist", "ensureNotExist") for entry in _entries(body, key, default_base)]
     _check_unique(entries, label)
     return DesiredState(
         host=body.get("host", schema_default("host")).removeprefix("[").removesuffix("]"),
@@ -541,10 +633,21 @@ def _entries(body: dict[str, Any], key: str, default_base: str | None) -> list[E
     models = (body.get(key) or {}).get("models") or []
     return [
         Entry(field_path([CONFIG_KEY, key, "models", index]),
-              Adapter(model["id"], model["source"], model.get("base-model") or default_base),
+              Adapter(model["id"], model["source"], model.get("base-model") or default_base,
+                      _canary(body.get("canary") or {}, model.get("canary") or {})),
               key == "ensureNotExist" or model.get("toRemove") is True)
         for index, model in enumerate(models)
     ]
+
+
+def _canary(every: dict[str, Any], own: dict[str, Any]) -> Canary | None:
+    """The top-level canary with this adapter's own fields over it, over the schema's defaults."""
+    defaults = {k: v["default"] for k, v in config_schema()["$defs"]["canary"]["properties"].items()}
+    merged = {**defaults, **every, **own}
+    if not merged["enabled"]:
+        return None
+    return Canary(merged["prompt"], merged["maxTokens"], float(merged["timeoutSeconds"]),
+                  merged["inertBlocksReadiness"])
 
 
 def _check_unique(entries: list[Entry], label: str) -> None:
@@ -577,7 +680,11 @@ class ServerError(Exception):
     """An answer that stops the whole cycle: unauthorized, runtime LoRA off, a broken model list."""
 
 
-# What vLLM's answers mean for retrying (vllm-facts.md): 404 = no adapter at that path, 400 = a
+class CanaryUnavailable(Exception):
+    """No completion to compare: the server cannot complete (an embedding model), or did not answer."""
+
+
+# What vLLM's answers mean for retrying (seen on vLLM 0.32): 404 = no adapter at that path, 400 = a
 # request vLLM refuses as such, 500 = the engine could not load it (rank too big, broken files).
 # Retrying those fast helps nobody. Timeouts, 429 and 502-504 are the moment, not the adapter.
 PERMANENT_STATUSES = frozenset({400, 404, 422, 500})
@@ -626,7 +733,6 @@ class VLLMClient:
         self.liveness = liveness or Liveness(float("inf"))
         self.base_url = ""
         self.has_api_key = bool(api_key)
-        self._last_list: tuple[bytes, ServerState] | None = None  # the stable part of the last list, parsed
         if api_key:
             session.headers["Authorization"] = f"Bearer {api_key}"
 
@@ -672,7 +778,7 @@ class VLLMClient:
     def use_server(self, base_url: str) -> None:
         """Point at a server. Proxy and CA-bundle settings (HTTPS_PROXY, NO_PROXY,
         REQUESTS_CA_BUNDLE) are read from the environment once here, not on every request."""
-        self.base_url, self._last_list = base_url, None
+        self.base_url = base_url
         self.session.trust_env = True
         found = self.session.merge_environment_settings(base_url, {}, None, None, None)
         self.session.proxies, self.session.verify = found["proxies"], found["verify"]
@@ -683,15 +789,10 @@ class VLLMClient:
         self._raise_for_auth(response)
         if response.status_code != 200:
             raise ServerError(f"GET /v1/models answered {response.status_code}: {_server_message(response)}")
-        stable = _stable_part(response.content)
-        if self._last_list and self._last_list[0] == stable:
-            return self._last_list[1]
         try:
-            state = parse_model_list(json.loads(response.content))
+            return parse_model_list(json.loads(response.content))
         except (ValueError, RecursionError) as e:
             raise ServerError(f"GET /v1/models answered an unexpected body: {e}") from None
-        self._last_list = stable, state
-        return state
 
     def load(self, adapter: Adapter, inplace: bool = False, alongside: int = 1) -> Outcome:
         """`alongside`: how many loads may be in flight with this one. The engine applies them one
@@ -717,6 +818,24 @@ class VLLMClient:
         if response.status_code == 200 or response.status_code == 404:
             return Outcome(True, message, response.status_code)  # 404: already gone
         return Outcome(False, message, response.status_code)
+
+    def complete(self, model: str, canary: Canary) -> str:
+        """The text of one deterministic completion through `model` (an adapter or a base model)."""
+        body = {"model": model, "prompt": canary.prompt, "max_tokens": canary.max_tokens, "temperature": 0}
+        try:
+            response = self._call("POST", "/v1/completions", body, canary.timeout)
+            self._raise_for_auth(response)
+        except (ServerUnreachable, ServerError) as e:
+            raise CanaryUnavailable(f"POST /v1/completions for {model!r}: {e}") from None
+        answer = _json_body(response)
+        if response.status_code == 200 and isinstance(answer, dict):
+            choices = answer.get("choices")
+            if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+                text = choices[0].get("text")
+                if isinstance(text, str):
+                    return text
+        raise CanaryUnavailable(f"POST /v1/completions for {model!r} answered {response.status_code}: "
+                                f"{_server_message(response)}")
 
     def _raise_for_auth(self, response: requests.Response) -> None:
         if response.status_code == 401:
@@ -780,12 +899,6 @@ def parse_model_list(body: Any) -> ServerState:
     return ServerState(tuple(base_models), frozenset(roots), adapters)
 
 
-def _stable_part(model_list: bytes) -> bytes:
-    for volatile in VOLATILE_FIELDS:
-        model_list = volatile.sub(rb"\g<1>0", model_list)
-    return model_list
-
-
 def _text(response: requests.Response) -> str:
     # vLLM's plain-text answers carry no Content-Type; decoding directly skips charset guessing.
     return response.content.decode("utf-8", errors="replace")
@@ -813,7 +926,7 @@ def _first_line(error: BaseException) -> str:
     return text[0][:MAX_MESSAGE_CHARS] if text else ""
 
 
-# ---------------------------------------------------------------------- plan
+# ------------------------------------------------- decisions: plan, per-adapter rules, readiness
 
 
 def plan(desired: DesiredState, server: ServerState) -> Plan:
@@ -855,42 +968,156 @@ def backoff_delay(failures: int, period: float) -> float:
     return min(period * 2 ** min(failures - 1, 20), BACKOFF_CAP_SECONDS)
 
 
-# ---------------------------------------------------------------- reconciler
+class State(enum.StrEnum):
+    LOADED = "loaded"
+    PENDING = "pending"
+    FAILED = "failed"
+    ABSENT = "absent"
+    SKIPPED = "skipped"
+    INERT = "inert"  # loaded, but its canary completion is the base model's
+
+
+class Seen(enum.Enum):
+    """What a model list told about one adapter that is worth reporting."""
+
+    NOTHING = enum.auto()
+    FAILED = enum.auto()  # an answer of 200 the list did not bear out, twice
+    LOST = enum.auto()  # it was loaded, and went without the sidecar's unload
 
 
 @dataclass
 class AdapterRecord:
-    """What the sidecar remembers of one configured adapter between cycles."""
+    """What the sidecar remembers of one configured adapter between cycles, and the rules for what
+    an answer or a model list does to it: no I/O, no clock (`now` is given)."""
 
     adapter: Adapter
-    desired: str  # present | absent
-    state: str = "pending"
+    wanted: bool  # ensureExist (True) or ensureNotExist (False)
+    state: State = State.PENDING
     observed_source: str | None = None
-    last_action: str | None = None
+    last_action: Op | None = None
     last_error: str | None = None
+    skip_reason: str | None = None
     failures: int = 0
     retry_at: float | None = None
     permanent: bool = False  # the last failure was the adapter's own (bad path, rank, files)
     unconfirmed: Op | None = None  # answered 200; the next /v1/models must agree
     doubts: int = 0  # 200s in a row that the next /v1/models did not bear out
+    canary_due: bool = False  # seen loaded after a change: prove it works
+    proof: dict[str, Any] | None = None  # the last canary's result, for /status
+    lost: int = 0  # times it vanished from the server without the sidecar's unload
+
+    def is_serving(self) -> bool:
+        return self.wanted and self.unconfirmed is None and self.state in (State.LOADED, State.INERT)
+
+    def observe(self, listed: str | None, planned: bool, skip_reason: str | None, now: float,
+                period: float) -> Seen:
+        """Take in what /v1/models lists, before any action of this cycle. An answer of 200 the
+        list does not bear out fails the adapter the second time in a row (once could be a restart
+        between the answer and the list)."""
+        serving = self.is_serving()
+        self.observed_source, self.skip_reason = listed, skip_reason
+        unconfirmed, self.unconfirmed = self.unconfirmed, None
+        if skip_reason:
+            self.state, self.last_error, self.doubts = State.SKIPPED, None, 0
+        elif not planned:
+            if unconfirmed in (Op.LOAD, Op.RELOAD):
+                self.canary_due, self.proof = self.adapter.canary is not None, None
+            if self.state is not State.INERT or unconfirmed:
+                self.state = State.LOADED if self.wanted else State.ABSENT
+            self.failures, self.retry_at, self.last_error, self.permanent, self.doubts = 0, None, None, False, 0
+        elif serving and listed is None:
+            self.state, self.lost = State.PENDING, self.lost + 1
+            return Seen.LOST
+        elif unconfirmed is not None and self.doubts >= 1:
+            self.doubts += 1
+            return Seen.FAILED if self.fail(_not_borne_out(unconfirmed, listed), now, period) else Seen.NOTHING
+        else:
+            self.doubts += unconfirmed is not None
+            if self.failures == 0:
+                self.state = State.PENDING
+        return Seen.NOTHING
+
+    def take_proof(self, result: str, seconds: float, detail: str | None) -> None:
+        """A canary's verdict: verified, inert (the base model's text) or unavailable."""
+        self.canary_due = False
+        self.proof = {"result": result, "seconds": round(seconds, 3), "detail": detail}
+        if result == "inert":
+            self.state = State.INERT
+        elif self.state is State.INERT:
+            self.state = State.LOADED
+
+    def succeed(self, op: Op) -> bool:
+        """An answer of 200. False while this server has answered 200 to no effect before: the
+        failure stands until /v1/models agrees."""
+        self.last_action, self.unconfirmed = op, op
+        if self.doubts and self.state is State.FAILED:
+            return False
+        self.failures, self.retry_at, self.last_error, self.permanent = 0, None, None, False
+        self.state = State.ABSENT if op is Op.UNLOAD else State.LOADED
+        self.observed_source = None if op is Op.UNLOAD else self.adapter.source
+        return True
+
+    def fail(self, error: str, now: float, period: float, permanent: bool = False) -> bool:
+        """A failure: backoff doubles. True when the error is news (not the one already reported)."""
+        self.failures += 1
+        self.retry_at = now + backoff_delay(self.failures, period)
+        self.state, self.permanent = State.FAILED, permanent
+        news, self.last_error = error != self.last_error, error
+        return news
+
+    def is_due(self, now: float) -> bool:
+        return self.retry_at is None or now >= self.retry_at
+
+    def is_settled(self) -> bool:
+        """Loaded and seen so, not for this server, or failed for a reason of its own that waiting
+        will not fix. A timeout or a busy server is not settled."""
+        inert_blocks = self.adapter.canary is not None and self.adapter.canary.inert_blocks_readiness
+        return ((self.state is State.LOADED and self.unconfirmed is None and not self.canary_due)
+                or self.state is State.SKIPPED or (self.state is State.INERT and not inert_blocks)
+                or (self.state is State.FAILED and self.permanent))
 
     def status(self) -> dict[str, Any]:
         return {
-            "desired": self.desired,
-            "state": self.state,
+            "desired": "present" if self.wanted else "absent",
+            "state": self.state.value,
             "source": self.adapter.source,
             "base_model": self.adapter.base_model,
             "observed_source": self.observed_source,
-            "last_action": self.last_action,
+            "last_action": self.last_action.value if self.last_action else None,
             "last_error": self.last_error,
+            "skip_reason": self.skip_reason,
             "failures": self.failures,
             "next_retry": iso_time(self.retry_at),
+            "canary": self.proof,
+            "lost": self.lost,
         }
 
 
+def _not_borne_out(op: Op, listed_source: str | None) -> str:
+    if op is Op.UNLOAD:
+        return "unload answered 200 but /v1/models still lists it"
+    if listed_source is None:
+        return f"{op.value} answered 200 but /v1/models does not list it"
+    return f"{op.value} answered 200 but /v1/models still lists source {listed_source!r}"
+
+
+def due_actions(actions: Sequence[Action], records: Mapping[str, AdapterRecord], now: float) -> list[Action]:
+    """The actions whose adapter is not backing off (a leftover staging copy has no record: always due)."""
+    return [a for a in actions if a.adapter.id not in records or records[a.adapter.id].is_due(now)]
+
+
+def is_ready(records: Mapping[str, AdapterRecord]) -> bool:
+    """Ready: every adapter to hold is settled (see AdapterRecord.is_settled)."""
+    return all(r.is_settled() for r in records.values() if r.wanted)
+
+
+# ---------------------------------------------------------------- reconciler
+
+
 @dataclass(frozen=True)
-class Sent:
-    """One action's answer (or the exception that stopped it, or None: not sent) and how long it took."""
+class Attempt:
+    """One action as it went: the answer judged, or the error that stops the cycle, or None (not
+    sent: an earlier call stopped the cycle), and how long it took."""
 
     result: Outcome | ServerUnreachable | ServerError | None
     seconds: float
@@ -903,9 +1130,14 @@ class CycleResult:
     error: str | None = None
     unreachable: bool = False  # no answer at all: the server up/down line already says so
 
+    @classmethod
+    def stopped(cls, error: str, unreachable: bool = False) -> CycleResult:
+        return cls(False, False, error, unreachable)
+
 
 class Reconciler:
-    """Executes plans and remembers per-adapter backoff; the only code that changes the server."""
+    """One cycle at a time: read the server, plan, send what is due, record every answer. The only
+    code that changes the server; it remembers per-adapter backoff between cycles."""
 
     def __init__(self, client: VLLMClient, period: float, health_check_timeout: float) -> None:
         self.client = client
@@ -921,9 +1153,8 @@ class Reconciler:
         self._server_url = ""
         self._adopted: DesiredState | None = None
         self._started = clock()
-        self._reported_error: str | None = None
-        self._waiting_reported = False
-        self._skips: dict[str, str] = {}  # adapter id -> why it is not for this server, as last logged
+        self._said = Said()
+        self.foreign: list[str] = []  # adapters the server lists that the config does not name
 
     def reconcile(self, desired: DesiredState) -> CycleResult:
         """One cycle: health (only while the server is not known up), one GET /v1/models, the due actions."""
@@ -933,12 +1164,12 @@ class Reconciler:
         try:
             result = self._cycle(desired, started)
         except Exception as e:  # a bug in one cycle must not stop the next one
-            log.exception("reconcile failed unexpectedly", extra={"fields": {"reconcile_id": self.cycles}})
-            result = CycleResult(False, False, f"internal error: {e!r}")
+            log.exception("reconcile failed unexpectedly", reconcile_id=self.cycles)
+            result = CycleResult.stopped(f"internal error: {e!r}")
         RECONCILES.labels("success" if result.completed and result.in_sync else "error").inc()
         RECONCILE_SECONDS.observe(clock() - started)
         IN_SYNC.set(1 if result.in_sync else 0)
-        self._report_cycle_error(result)
+        self._report_cycle(result)
         self.last_cycle = result
         return result
 
@@ -946,31 +1177,31 @@ class Reconciler:
         return self.period if self.server_up else health_check_interval
 
     def _cycle(self, desired: DesiredState, now: float) -> CycleResult:
-        if not self.server_up and not self._wait_step(now):
-            return CycleResult(False, False, f"vLLM is not healthy: {self.server_error}", unreachable=True)
+        if not self.server_up and not self._check_health(now):
+            return CycleResult.stopped(f"vLLM is not healthy: {self.server_error}", unreachable=True)
         try:
             server = self.client.server_state()
         except ServerUnreachable as e:
             return self._unanswered(e)
         except ServerError as e:
-            return CycleResult(False, False, str(e))
-        the_plan = plan(desired, server)
-        self._observe(server, the_plan, now)
-        return self._execute(the_plan, now)
+            return CycleResult.stopped(str(e))
+        actions = plan(desired, server)
+        self._observe(server, actions, now)
+        result = self._execute(actions, now)
+        if result.completed:
+            self._prove(server)
+            self.ready = self.ready or is_ready(self.records)
+        return result
 
-    def _wait_step(self, now: float) -> bool:
+    def _check_health(self, now: float) -> bool:
         """Check /health once; say so once if the server stays away past the health-check timeout."""
         reason = self.client.health()
         if reason is None:
             self.server_version = self.client.version()  # a restart may have brought another vLLM
         self._set_server_up(reason is None, reason)
-        if reason and not self._waiting_reported and now - self._started > self.health_check_timeout:
-            self._waiting_reported = True
-            log.error(
-                "vLLM is still not healthy; waiting on",
-                extra={"fields": {"server": self.client.base_url, "waited_s": round(now - self._started),
-                                  "error": reason}},
-            )
+        if reason and now - self._started > self.health_check_timeout and self._said.first("still not healthy"):
+            log.error("vLLM is still not healthy; waiting on", server=self.client.base_url,
+                      waited_s=round(now - self._started), error=reason)
         return reason is None
 
     def _unanswered(self, error: ServerUnreachable) -> CycleResult:
@@ -978,51 +1209,35 @@ class Reconciler:
         this cycle's error, logged once, and the next try is a period away."""
         reason = self.client.health()
         if reason is None:
-            return CycleResult(False, False, str(error))
+            return CycleResult.stopped(str(error))
         self._set_server_up(False, reason)
-        return CycleResult(False, False, str(error), unreachable=True)
+        return CycleResult.stopped(str(error), unreachable=True)
 
-    def _execute(self, the_plan: Plan, now: float) -> CycleResult:
-        due = [a for a in the_plan.actions if self._is_due(a, now)]
-        pending = len(due) < len(the_plan.actions)  # some are still backing off
-        unloads = [a for a in due if a.op is Op.UNLOAD]
-        changes = [a for a in due if a.op is not Op.UNLOAD]
-        for batch in (unloads, changes):  # unloads first, so their slots are free for the loads
-            error: ServerUnreachable | ServerError | None = None
-            for action, sent in zip(batch, self._send_all(batch), strict=True):
-                self._count(action, sent)
-                if isinstance(sent.result, Outcome):
-                    pending = not self._record(action, sent.result, sent.seconds, now) or pending
-                else:
-                    pending = True
-                    error = error or sent.result
-            if isinstance(error, ServerUnreachable):
-                return self._unanswered(error)
-            if error:
-                return CycleResult(False, False, str(error))
-        self.ready = self.ready or self._settled()
-        return CycleResult(True, not pending, None)
+    def _execute(self, actions: Plan, now: float) -> CycleResult:
+        due = due_actions(actions.actions, self.records, now)
+        pending = len(due) < len(actions.actions)  # some are still backing off
+        for batch in ([a for a in due if a.op is Op.UNLOAD], [a for a in due if a.op is not Op.UNLOAD]):
+            # unloads first, so their slots are free for the loads
+            stop: ServerUnreachable | ServerError | None = None
+            for action, attempt in zip(batch, self._send_all(batch), strict=True):
+                pending = not self._record(action, attempt, now) or pending
+                if isinstance(attempt.result, ServerUnreachable | ServerError):
+                    stop = stop or attempt.result
+            if isinstance(stop, ServerUnreachable):
+                return self._unanswered(stop)
+            if stop:
+                return CycleResult.stopped(str(stop))
+        return CycleResult(True, not pending)
 
-    def _is_due(self, action: Action, now: float) -> bool:
-        record = self.records.get(action.adapter.id)
-        return record is None or record.retry_at is None or now >= record.retry_at
-
-    def _settled(self) -> bool:
-        """Ready: every adapter to hold is loaded, not for this server, or failed for a reason of its
-        own that waiting will not fix. A timeout or a busy server is not a reason to be ready."""
-        return all((r.state == "loaded" and r.unconfirmed is None) or r.state == "skipped"
-                   or (r.state == "failed" and r.permanent)
-                   for r in self.records.values() if r.desired == "present")
-
-    def _send_all(self, actions: list[Action]) -> list[Sent]:
+    def _send_all(self, actions: list[Action]) -> list[Attempt]:
         """Send up to MAX_REQUESTS_IN_FLIGHT requests at once: vLLM accepts calls for different
         names concurrently, which hides each round trip behind the engine's own work. After a
         call that stops the cycle (no connection, unauthorized), nothing more is sent."""
         halt = threading.Event()
 
-        def attempt(action: Action, width: int) -> Sent:
+        def attempt(action: Action, width: int) -> Attempt:
             if halt.is_set():
-                return Sent(None, 0.0)
+                return Attempt(None, 0.0)
             started = clock()
             result: Outcome | ServerUnreachable | ServerError
             try:
@@ -1037,9 +1252,9 @@ class Reconciler:
                 result = e
                 halt.set()
             except Exception as e:  # a bug costs this adapter a retry, not the others
-                log.exception("unexpected error", extra={"fields": self._fields(action, clock() - started)})
+                log.exception("unexpected error", **self._fields(action, clock() - started))
                 result = Outcome(False, f"internal error: {e!r}")
-            return Sent(result, clock() - started)
+            return Attempt(result, clock() - started)
 
         if not actions:
             return []
@@ -1080,49 +1295,34 @@ class Reconciler:
         return {"adapter": action.adapter.id, "action": action.op.value, "duration_s": round(seconds, 4),
                 "reconcile_id": self.cycles}
 
-    def _count(self, action: Action, sent: Sent) -> None:
-        """Every action is counted, whatever became of it."""
-        if sent.result is None:
-            return
-        if isinstance(sent.result, Outcome):
-            result = "success" if sent.result.ok else "timeout" if sent.result.timed_out else "error"
-        else:
-            result = "unreachable" if isinstance(sent.result, ServerUnreachable) else "error"
-        OPERATIONS.labels(action.op.value, result).inc()
-        OPERATION_SECONDS.labels(action.op.value).observe(sent.seconds)
-
-    def _record(self, action: Action, outcome: Outcome, seconds: float, now: float) -> bool:
-        """Remember what the server answered to one action; True if it succeeded."""
-        record = self.records.get(action.adapter.id) or AdapterRecord(action.adapter, "absent")
-        record.last_action = action.op.value
-        fields = self._fields(action, seconds)
-        if not outcome.ok:
-            error = outcome.message if outcome.timed_out else f"{outcome.status}: {outcome.message}"
-            self._fail(record, action.op, error, now, {**fields, "result": "timeout" if outcome.timed_out else "error"},
-                       permanent=outcome.permanent)
+    def _record(self, action: Action, attempt: Attempt, now: float) -> bool:
+        """Every attempt, whatever became of it: counted, remembered, logged. True if it succeeded."""
+        outcome = attempt.result
+        if outcome is None:
             return False
-        log.info(f"{action.op.value} done: {action.adapter.id}", extra={"fields": {**fields, "result": "success"}})
-        record.unconfirmed = action.op
-        if record.doubts and record.state == "failed":
-            return False  # this server answered 200 before to no effect: the failure stands until the list agrees
-        record.failures, record.retry_at, record.last_error, record.permanent = 0, None, None, False
-        record.state = "absent" if action.op is Op.UNLOAD else "loaded"
-        record.observed_source = None if action.op is Op.UNLOAD else action.adapter.source
-        return True
+        if isinstance(outcome, Outcome):
+            result = "success" if outcome.ok else "timeout" if outcome.timed_out else "error"
+        else:
+            result = "unreachable" if isinstance(outcome, ServerUnreachable) else "error"
+        OPERATIONS.labels(action.op.value, result).inc()
+        OPERATION_SECONDS.labels(action.op.value).observe(attempt.seconds)
+        if not isinstance(outcome, Outcome):
+            return False  # the cycle stops; the server's state, not this adapter, is the news
+        record = self.records.get(action.adapter.id) or AdapterRecord(action.adapter, wanted=False)
+        fields = {**self._fields(action, attempt.seconds), "result": result}
+        if outcome.ok:
+            log.info(f"{action.op.value} done: {action.adapter.id}", **fields)
+            return record.succeed(action.op)
+        record.last_action = action.op
+        error = outcome.message if outcome.timed_out else f"{outcome.status}: {outcome.message}"
+        if record.fail(error, now, self.period, outcome.permanent):
+            self._report_failure(record, action.op, now, fields)
+        return False
 
-    def _fail(self, record: AdapterRecord, op: Op, error: str, now: float, fields: dict[str, Any],
-              permanent: bool = False) -> None:
-        record.failures += 1
-        record.retry_at = now + backoff_delay(record.failures, self.period)
-        record.state = "failed"
-        record.permanent = permanent
-        if error != record.last_error:  # once per distinct error, not once per retry
-            log.warning(
-                f"{op.value} failed: {record.adapter.id}",
-                extra={"fields": {"result": "error", **fields, "error": error,
-                                  "retry_in_s": round(record.retry_at - now, 3)}},
-            )
-        record.last_error = error
+    def _report_failure(self, record: AdapterRecord, op: Op, now: float, fields: dict[str, Any]) -> None:
+        retry_in = round((record.retry_at or now) - now, 3)
+        log.warning(f"{op.value} failed: {record.adapter.id}",
+                    **{"result": "error", **fields, "error": record.last_error, "retry_in_s": retry_in})
 
     def _adopt(self, desired: DesiredState) -> None:
         """Follow config changes: new records for new or changed entries, none for dropped ones."""
@@ -1132,76 +1332,113 @@ class Reconciler:
         if desired.server_url != self._server_url:
             self.client.use_server(desired.server_url)
             self._server_url, self.server_up = desired.server_url, None
-        wanted = {a.id: (a, "present") for a in desired.ensure_exist}
-        wanted.update({a.id: (a, "absent") for a in desired.ensure_not_exist})
+        wanted = {a.id: (a, True) for a in desired.ensure_exist}
+        wanted.update({a.id: (a, False) for a in desired.ensure_not_exist})
         for adapter_id in set(self.records) - set(wanted):
             del self.records[adapter_id]
-            self._skips.pop(adapter_id, None)
-        for adapter_id, (adapter, goal) in wanted.items():
+            self._said.clear(("skip", adapter_id))
+        for adapter_id, (adapter, keep) in wanted.items():
             record = self.records.get(adapter_id)
-            if record is None or record.adapter != adapter or record.desired != goal:
-                self.records[adapter_id] = AdapterRecord(adapter, goal)  # a changed entry resets its backoff
+            if record is None or record.adapter != adapter or record.wanted != keep:
+                self.records[adapter_id] = AdapterRecord(adapter, keep)  # a changed entry resets its backoff
 
-    def _observe(self, server: ServerState, the_plan: Plan, now: float) -> None:
-        """Set each record's state from what the server lists, before any action changes it. An
-        action answered 200 that the list does not bear out is a failure, not a success."""
-        skipped = {skip.adapter.id: skip.reason for skip in the_plan.skipped}
-        planned = {action.adapter.id: action for action in the_plan.actions}
+    def _observe(self, server: ServerState, actions: Plan, now: float) -> None:
+        """Each record takes in what the server lists, before any action changes it; and what
+        changed behind the sidecar's back is reported: adapters lost, adapters foreign."""
+        skipped = {skip.adapter.id: skip.reason for skip in actions.skipped}
+        planned = {action.adapter.id for action in actions.actions}
+        serving = sum(r.is_serving() for r in self.records.values())
+        lost = []
         for adapter_id, record in self.records.items():
-            record.observed_source = server.adapters.get(adapter_id)
-            unconfirmed, record.unconfirmed = record.unconfirmed, None
             self._report_skip(record, skipped.get(adapter_id))
-            if adapter_id in skipped:
-                record.state, record.last_error = "skipped", skipped[adapter_id]
-            elif adapter_id not in planned:
-                record.state = "loaded" if record.desired == "present" else "absent"
-                record.failures, record.retry_at, record.last_error, record.permanent = 0, None, None, False
-            elif unconfirmed is not None and record.doubts >= 1:
-                # Twice in a row: a server that answers 200 and changes nothing. Once could be a
-                # restart that came between the answer and the list.
-                self._fail(record, unconfirmed, _not_borne_out(unconfirmed, record.observed_source), now,
-                           {"adapter": adapter_id, "action": unconfirmed.value, "reconcile_id": self.cycles})
-            elif record.failures == 0:
-                record.state = "pending"
-            if adapter_id not in planned:
-                record.doubts = 0
-            elif unconfirmed is not None:
-                record.doubts += 1
+            unconfirmed = record.unconfirmed
+            seen = record.observe(server.adapters.get(adapter_id), adapter_id in planned, skipped.get(adapter_id),
+                                  now, self.period)
+            if seen is Seen.FAILED and unconfirmed:
+                self._report_failure(record, unconfirmed, now, {"adapter": adapter_id, "action": unconfirmed.value,
+                                                                "reconcile_id": self.cycles})
+            elif seen is Seen.LOST:
+                lost.append(adapter_id)
+                LOST.labels(adapter_id).inc()
+        if lost:
+            everything = len(lost) == serving
+            log.warning(f"lost: {len(lost)} of the {serving} adapters loaded vanished without an unload"
+                        + ("; all of them at once: the server restarted" if everything and serving > 1 else "")
+                        + "; loading them again", adapters=lost, server_restarted=everything and serving > 1)
+        self._report_foreign(server)
+
+    def _report_foreign(self, server: ServerState) -> None:
+        """Adapters the server lists that the config names nowhere (nor a staging copy of one):
+        never touched, but shown, counted and logged once each."""
+        foreign = sorted(i for i in server.adapters
+                         if i not in self.records and i.removesuffix(STAGING_SUFFIX) not in self.records)
+        for adapter_id in set(self.foreign) - set(foreign):
+            self._said.clear(("foreign", adapter_id))
+        for adapter_id in foreign:
+            if self._said.first(("foreign", adapter_id)):
+                log.info(f"foreign: {adapter_id} is loaded on the server and named nowhere in the config; left alone",
+                         adapter=adapter_id, source=server.adapters[adapter_id])
+        self.foreign = foreign
+        FOREIGN.set(len(foreign))
+
+    def _prove(self, server: ServerState) -> None:
+        """The canary of each adapter just seen loaded after a change; never while nothing changes."""
+        base_texts: dict[tuple[str, int], str] = {}  # one base-model completion per prompt per cycle
+        for record in [r for r in self.records.values() if r.canary_due and r.adapter.canary]:
+            canary, adapter_id, started = record.adapter.canary, record.adapter.id, clock()
+            assert canary is not None
+            try:
+                if not server.base_models:
+                    raise CanaryUnavailable("the server lists no base model to compare with")
+                key = (canary.prompt, canary.max_tokens)
+                if key not in base_texts:
+                    base_texts[key] = self.client.complete(server.base_models[0], canary)
+                text = self.client.complete(adapter_id, canary)
+            except CanaryUnavailable as e:
+                result, detail = "unavailable", str(e)
+            else:
+                result = "inert" if text == base_texts[key] else "verified"
+                detail = f"{adapter_id} and {server.base_models[0]} answer {text!r}" if result == "inert" else None
+            seconds = clock() - started
+            record.take_proof(result, seconds, detail)
+            CANARIES.labels(result).inc()
+            CANARY_SECONDS.observe(seconds)
+            if result == "verified":
+                log.info(f"verified: {adapter_id} answers unlike its base model", adapter=adapter_id,
+                         duration_s=round(seconds, 4))
+            elif result == "inert":
+                log.warning(f"inert: {adapter_id} answers as its base model does", adapter=adapter_id,
+                            duration_s=round(seconds, 4), error=detail)
+            elif self._said.changed("canary unavailable", detail):
+                log.warning(f"canary skipped: {adapter_id} cannot be proven here", adapter=adapter_id, error=detail)
 
     def _report_skip(self, record: AdapterRecord, reason: str | None) -> None:
         """Say once why an adapter is not loaded here, and once when that no longer holds."""
         adapter_id = record.adapter.id
-        was = self._skips.pop(adapter_id, None)
-        if reason:
-            self._skips[adapter_id] = reason
-        if reason and reason != was:
-            log.info(f"skipped: {record.adapter.id} is not for this server",
-                     extra={"fields": {"adapter": record.adapter.id, "base_model": record.adapter.base_model,
-                                       "reason": reason}})
-        elif was and not reason:
-            log.info(f"no longer skipped: {record.adapter.id}", extra={"fields": {"adapter": record.adapter.id}})
+        if reason and self._said.changed(("skip", adapter_id), reason):
+            log.info(f"skipped: {adapter_id} is not for this server", adapter=adapter_id,
+                     base_model=record.adapter.base_model, reason=reason)
+        elif not reason and self._said.clear(("skip", adapter_id)):
+            log.info(f"no longer skipped: {adapter_id}", adapter=adapter_id)
 
     def _set_server_up(self, up: bool, reason: str | None = None) -> None:
         if up != self.server_up or (not up and reason != self.server_error):
-            fields = {"server": self.client.base_url}
             if up:
-                log.info("vLLM server is up", extra={"fields": {**fields, "vllm_version": self.server_version}})
+                log.info("vLLM server is up", server=self.client.base_url, vllm_version=self.server_version)
             elif self.server_up:
-                log.warning("vLLM server is down", extra={"fields": {**fields, "error": reason}})
+                log.warning("vLLM server is down", server=self.client.base_url, error=reason)
             else:
-                log.info("waiting for vLLM", extra={"fields": {**fields, "error": reason}})
+                log.info("waiting for vLLM", server=self.client.base_url, error=reason)
             self.server_up = up
         self.server_error = None if up else reason
         SERVER_UP.set(1 if up else 0)
 
-    def _report_cycle_error(self, result: CycleResult) -> None:
+    def _report_cycle(self, result: CycleResult) -> None:
         """Log a server error once per distinct error, and once more on recovery."""
-        if result.completed and self._reported_error:
-            log.info("reconcile recovered", extra={"fields": {"reconcile_id": self.cycles}})
-            self._reported_error = None
-        elif result.error and not result.unreachable and result.error != self._reported_error:
-            log.error("reconcile stopped early", extra={"fields": {"reconcile_id": self.cycles, "error": result.error}})
-            self._reported_error = result.error
+        if result.completed and self._said.clear("cycle error"):
+            log.info("reconcile recovered", reconcile_id=self.cycles)
+        elif result.error and not result.unreachable and self._said.changed("cycle error", result.error):
+            log.error("reconcile stopped early", reconcile_id=self.cycles, error=result.error)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -1210,15 +1447,8 @@ class Reconciler:
             "in_sync": bool(self.last_cycle and self.last_cycle.in_sync),
             "last_error": self.last_cycle.error if self.last_cycle else None,
             "adapters": {adapter_id: record.status() for adapter_id, record in sorted(self.records.items())},
+            "foreign": self.foreign,
         }
-
-
-def _not_borne_out(op: Op, listed_source: str | None) -> str:
-    if op is Op.UNLOAD:
-        return "unload answered 200 but /v1/models still lists it"
-    if listed_source is None:
-        return f"{op.value} answered 200 but /v1/models does not list it"
-    return f"{op.value} answered 200 but /v1/models still lists source {listed_source!r}"
 
 
 # ------------------------------------------------------------------ triggers
@@ -1290,14 +1520,13 @@ class ConfigSource:
         CONFIG_LAST_CHANGE.set(wall_time(clock()))
         log.info(
             "config loaded",
-            extra={"fields": {"name": desired.name or None, "config_sha256": desired.sha256, "key": desired.key,
-                              "ensure_exist": len(desired.ensure_exist),
-                              "ensure_not_exist": len(desired.ensure_not_exist)}},
+            name=desired.name or None, config_sha256=desired.sha256, key=desired.key,
+            ensure_exist=len(desired.ensure_exist), ensure_not_exist=len(desired.ensure_not_exist),
         )
 
     def _valid_again(self, desired: DesiredState) -> None:
         if self.error:
-            log.info("config is valid again", extra={"fields": {"config_sha256": desired.sha256}})
+            log.info("config is valid again", config_sha256=desired.sha256)
         self.error = None
         CONFIG_VALID.set(1)
 
@@ -1305,7 +1534,7 @@ class ConfigSource:
         CONFIG_VALID.set(0)
         if error != self.error:  # once per distinct error
             state = "keeping the last good config" if self.desired else "waiting for a valid config"
-            log.error(f"config rejected; {state}", extra={"fields": {"error": error}})
+            log.error(f"config rejected; {state}", error=error)
         self.error = error
 
     def status(self) -> dict[str, Any]:
@@ -1362,7 +1591,7 @@ class AdapterMetrics(prom.registry.Collector):
         # Built and handed over one family at a time: at 1000 adapters the samples of all
         # three at once would be the biggest thing the sidecar ever holds in memory.
         records = list(self.reconciler.records.values())  # a snapshot: the loop may change the dict
-        loaded = [(r.adapter.id, 1 if r.desired == "present" and r.state == "loaded" else 0) for r in records]
+        loaded = [(r.adapter.id, 1 if r.wanted and r.state in (State.LOADED, State.INERT) else 0) for r in records]
         for (name, documentation), label in ((ADAPTER_LOADED, "adapter"), (LEGACY_ADAPTER_STATUS, "adapter_name")):
             family = GaugeMetricFamily(name, documentation, labels=[label])
             for adapter_id, value in loaded:
@@ -1370,7 +1599,7 @@ class AdapterMetrics(prom.registry.Collector):
             yield family
         family = GaugeMetricFamily(*ADAPTER_STATE, labels=["adapter", "state"])
         for record in records:
-            for state in ADAPTER_STATES:
+            for state in State:
                 family.add_metric([record.adapter.id, state], 1 if record.state == state else 0)
         yield family
 
@@ -1471,12 +1700,9 @@ def _text_value(value: Any) -> str:
 def configure_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogFormatter(log_format == "json"))
-    log.handlers[:] = [handler]
-    log.setLevel(level.upper())
-    log.propagate = False
-
-
-ENV_PREFIX = "LORA_SIDECAR_"
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1485,40 +1711,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep a vLLM server's LoRA adapters equal to a mounted config (vLLMLoRAConfig).",
         epilog="Every flag can also be set by the environment variable named in its help; a flag wins.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        exit_on_error=False,
     )
-
-    def flag(name: str, env: str, default: Any, help_text: str, **kwargs: Any) -> None:
-        parser.add_argument(name, default=os.environ.get(env, default), help=f"{help_text} [env {env}]", **kwargs)
-
-    flag("--config", "DYNAMIC_LORA_ROLLOUT_CONFIG", DEFAULT_CONFIG_PATH,
-         "config file: the vLLMLoRAConfig YAML or a whole ConfigMap manifest", metavar="FILE")
-    flag("--health-check-timeout", ENV_PREFIX + "HEALTH_CHECK_TIMEOUT", 300.0,
-         "seconds to wait for vLLM's /health (--once/--dry-run give up after it)", type=float, metavar="S")
-    flag("--health-check-interval", ENV_PREFIX + "HEALTH_CHECK_INTERVAL", 2.0,
-         "seconds between /health checks while the server is not up", type=float, metavar="S")
-    flag("--reconcile-trigger", ENV_PREFIX + "RECONCILE_TRIGGER", 5.0,
-         "seconds between reconcile cycles (also the first retry delay of a failed adapter)", type=float,
-         metavar="S")
-    flag("--watch-interval", ENV_PREFIX + "WATCH_INTERVAL", 0.1,
-         "seconds between cheap checks (stat) of the config file for changes", type=float, metavar="S")
-    flag("--config-validation", ENV_PREFIX + "CONFIG_VALIDATION", "true",
-         "check the config against validation.yaml (duplicate checks always run)",
-         action=argparse.BooleanOptionalAction)
-    flag("--metrics-port", ENV_PREFIX + "METRICS_PORT", 8080,
-         "port of /metrics, /healthz, /readyz and /status; 0 turns them off", type=int, metavar="PORT")
-    flag("--metrics-address", ENV_PREFIX + "METRICS_ADDRESS", "::",
-         "address to serve them on; '::' is IPv6 and IPv4 (0.0.0.0 on a host without IPv6)", metavar="ADDR")
-    flag("--request-timeout", ENV_PREFIX + "REQUEST_TIMEOUT", 10.0,
-         "seconds allowed for each quick call: /health, /version, /v1/models, unload", type=float, metavar="S")
-    flag("--load-timeout", ENV_PREFIX + "LOAD_TIMEOUT", 600.0,
-         "seconds allowed for one load (vLLM may download the adapter); a load queued behind others "
-         "gets one allowance for each", type=float, metavar="S")
-    flag("--api-key-file", ENV_PREFIX + "API_KEY_FILE", None,
-         "file holding vLLM's API key (else env VLLM_API_KEY); sent as Authorization: Bearer",
-         metavar="FILE")
-    flag("--log-level", ENV_PREFIX + "LOG_LEVEL", "info", "log level",
-         choices=["debug", "info", "warning", "error"], type=str.lower)
-    flag("--log-format", ENV_PREFIX + "LOG_FORMAT", "text", "log line format", choices=["text", "json"])
+    for name, env, options in FLAGS:
+        parser.add_argument(name, **{**options, "help": f"{options['help']} [env {env}]"})
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--once", dest="mode", action="store_const", const="once",
                        help="reconcile once and exit: 0 in sync, 1 not in sync, 2 invalid config")
@@ -1531,25 +1727,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def environment_flags(environ: Mapping[str, str]) -> list[str]:
+    """The environment as flags, put before the command line's own (the last one given wins), so
+    that argparse checks a value from the environment exactly as it checks a flag."""
+    argv = []
+    for name, env, options in FLAGS:
+        value = environ.get(env)
+        if value is None:
+            continue
+        if options.get("action") is argparse.BooleanOptionalAction:
+            off = value.strip().lower() in ("0", "false", "no", "off")
+            argv.append(name.replace("--", "--no-", 1) if off else name)
+        else:
+            argv.append(f"{name}={value}")
+    return argv
+
+
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     parser = build_parser()
-    # argparse converts string defaults (our environment values) with each flag's type.
-    args = parser.parse_args(argv)
-    for name, allowed in (("log_level", ("debug", "info", "warning", "error")), ("log_format", ("text", "json"))):
-        if getattr(args, name) not in allowed:
-            parser.error(f"--{name.replace('_', '-')}: {getattr(args, name)!r} is not one of {', '.join(allowed)}")
+    try:
+        args = parser.parse_args([*environment_flags(os.environ), *(sys.argv[1:] if argv is None else argv)])
+    except argparse.ArgumentError as e:  # name the variable too, where the value came from one
+        envs = [env for name, env, _ in FLAGS if name == e.argument_name and env in os.environ]
+        parser.error(f"{e}" + "".join(f" ({env}={os.environ[env]!r})" for env in envs))
     if min(args.reconcile_trigger, args.watch_interval, args.request_timeout, args.load_timeout) <= 0:
         parser.error("--reconcile-trigger, --watch-interval, --request-timeout and --load-timeout must be positive")
-    validation = args.config_validation
-    if isinstance(validation, str):  # from the environment
-        validation = validation.strip().lower() not in ("0", "false", "no", "off")
     return Settings(
         config_path=Path(args.config),
         health_check_timeout=args.health_check_timeout,
         health_check_interval=max(args.health_check_interval, 0.05),
         reconcile_period=args.reconcile_trigger,
         watch_interval=args.watch_interval,
-        config_validation=validation,
+        config_validation=args.config_validation,
         metrics_port=args.metrics_port,
         metrics_address=args.metrics_address,
         request_timeout=args.request_timeout,
@@ -1590,9 +1799,9 @@ def validate_only(settings: Settings) -> int:
     return 0
 
 
-def describe(the_plan: Plan) -> list[str]:
-    lines = [f"{a.op.value:<7} {a.adapter.id}  source={a.adapter.source}  ({a.reason})" for a in the_plan.actions]
-    lines += [f"skip    {s.adapter.id}  ({s.reason})" for s in the_plan.skipped]
+def plan_lines(actions: Plan) -> list[str]:
+    lines = [f"{a.op.value:<7} {a.adapter.id}  source={a.adapter.source}  ({a.reason})" for a in actions.actions]
+    lines += [f"skip    {s.adapter.id}  ({s.reason})" for s in actions.skipped]
     return lines or ["in sync"]
 
 
@@ -1605,18 +1814,17 @@ def run_one_shot(settings: Settings, client: VLLMClient) -> int:
         return 2
     client.use_server(desired.server_url)
     if not wait_for_health(client, settings.health_check_timeout, settings.health_check_interval):
-        log.error("vLLM is not healthy", extra={"fields": {"server": desired.server_url,
-                                                           "waited_s": settings.health_check_timeout}})
+        log.error("vLLM is not healthy", server=desired.server_url, waited_s=settings.health_check_timeout)
         return 1
     try:
         if settings.mode == "once":
             Reconciler(client, settings.reconcile_period, settings.health_check_timeout).reconcile(desired)
-        the_plan = plan(desired, client.server_state())
+        actions = plan(desired, client.server_state())
     except (ServerUnreachable, ServerError) as e:
-        log.error("cannot read the server's adapters", extra={"fields": {"error": str(e)}})
+        log.error("cannot read the server's adapters", error=str(e))
         return 1
-    print(mask("\n".join(describe(the_plan))))
-    return 0 if not the_plan.actions else 1
+    print(mask("\n".join(plan_lines(actions))))
+    return 0 if not actions.actions else 1
 
 
 def run_forever(settings: Settings, client: VLLMClient) -> int:
@@ -1644,13 +1852,12 @@ def run_forever(settings: Settings, client: VLLMClient) -> int:
                 address = ("0.0.0.0", settings.metrics_port)  # a host without IPv6
                 status_server = StatusServer(address, status, liveness.alive, lambda: reconciler.ready)
         except OSError as e:
-            log.error("cannot serve metrics and probes", extra={"fields": {"address": f"{address[0]}:{address[1]}",
-                                                                            "error": e.strerror or str(e)}})
+            log.error("cannot serve metrics and probes", address=f"{address[0]}:{address[1]}",
+                      error=e.strerror or str(e))
             return 1
         # The process exits without shutdown(), so the poll interval only costs wake-ups: keep it long.
         threading.Thread(target=status_server.serve_forever, kwargs={"poll_interval": 5}, daemon=True).start()
-    log.info("sidecar started", extra={"fields": {"version": VERSION, "config": str(settings.config_path),
-                                                  "metrics_port": settings.metrics_port}})
+    log.info("sidecar started", version=VERSION, config=str(settings.config_path), metrics_port=settings.metrics_port)
     worker = threading.Thread(target=run_loop, args=(settings, config, reconciler, stop, liveness, nudge),
                               daemon=True)
     worker.start()

@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import requests
 import responses
+from fake_vllm import model_card
+from kubelet import KubeletConfigDir
 
 import sidecar
 from sidecar import (
@@ -38,10 +40,6 @@ from sidecar import (
     parse_model_list,
     plan,
 )
-
-sys.path.insert(0, str(Path(__file__).parent / "tests"))
-from fake_vllm import model_card
-from kubelet import KubeletConfigDir
 
 URL = "http://vllm.test:8000"
 
@@ -159,7 +157,7 @@ def test_every_schema_error_is_reported_at_once():
 
 def test_unknown_field_error_lists_what_is_allowed():
     (error,) = errors_of("vLLMLoRAConfig: {ensureExists: {}}")
-    assert "expected one of: defaultBaseModel, ensureExist, ensureNotExist, host, name, port, scheme" in error
+    assert "expected one of: canary, defaultBaseModel, ensureExist, ensureNotExist, host, name, port, scheme" in error
 
 
 @pytest.mark.parametrize("validate", [True, False])
@@ -346,6 +344,97 @@ def test_reload_reason_names_the_servers_source():
     assert action == Action(Op.RELOAD, A1, "the server has source '/old'")
 
 
+# ------------------------------------------------- what an answer or a list does to a record
+
+
+def record(**fields) -> sidecar.AdapterRecord:
+    return sidecar.AdapterRecord(fields.pop("adapter", A1), wanted=fields.pop("wanted", True), **fields)
+
+
+State = sidecar.State
+NOTHING, FAILED, LOST = sidecar.Seen.NOTHING, sidecar.Seen.FAILED, sidecar.Seen.LOST
+CANARY = sidecar.Canary("Once upon a time", 8, 30.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "before", "listed", "planned", "skip", "after", "seen"),
+    [
+        ("listed as wanted: loaded, failures forgotten", record(state=State.FAILED, failures=3, last_error="x"),
+         "/adapters/a1", False, None, dict(state=State.LOADED, failures=0, last_error=None), NOTHING),
+        ("an ensureNotExist adapter not listed: absent", record(wanted=False), None, False, None,
+         dict(state=State.ABSENT), NOTHING),
+        ("still to do, never failed: pending", record(), None, True, None,
+         dict(state=State.PENDING), NOTHING),
+        ("still to do after a failure: stays failed", record(state=State.FAILED, failures=1), None, True, None,
+         dict(state=State.FAILED, failures=1), NOTHING),
+        ("a 200 not borne out once: pending, one doubt", record(state=State.LOADED, unconfirmed=Op.LOAD), None,
+         True, None, dict(state=State.PENDING, doubts=1, failures=0), NOTHING),
+        ("a 200 not borne out twice: failed", record(state=State.LOADED, unconfirmed=Op.LOAD, doubts=1), None,
+         True, None, dict(state=State.FAILED, doubts=2, failures=1,
+                          last_error="load answered 200 but /v1/models does not list it"), FAILED),
+        ("a reload not borne out twice names what is listed", record(unconfirmed=Op.RELOAD, doubts=1), "/old",
+         True, None, dict(last_error="reload answered 200 but /v1/models still lists source '/old'"), FAILED),
+        ("a 200 borne out: doubts forgotten", record(unconfirmed=Op.LOAD, doubts=1), "/adapters/a1", False, None,
+         dict(state=State.LOADED, doubts=0, unconfirmed=None), NOTHING),
+        ("not for this server: skipped, with the reason", record(state=State.FAILED, last_error="x"), None, False,
+         "wants base model 'big'", dict(state=State.SKIPPED, skip_reason="wants base model 'big'", last_error=None),
+         NOTHING),
+        ("loaded and seen so, now gone without an unload: lost", record(state=State.LOADED), None, True, None,
+         dict(state=State.PENDING, lost=1), LOST),
+        ("inert and gone: lost too", record(state=State.INERT), None, True, None, dict(lost=1), LOST),
+        ("answered 200, not listed yet: not lost", record(state=State.LOADED, unconfirmed=Op.LOAD), None, True, None,
+         dict(lost=0), NOTHING),
+        ("a load seen through after a change: the canary is due",
+         record(state=State.LOADED, unconfirmed=Op.LOAD, adapter=replace(A1, canary=CANARY)), "/adapters/a1", False,
+         None, dict(canary_due=True, state=State.LOADED), NOTHING),
+        ("no canary configured: none due", record(state=State.LOADED, unconfirmed=Op.LOAD), "/adapters/a1", False,
+         None, dict(canary_due=False), NOTHING),
+        ("inert stays inert while nothing changes", record(state=State.INERT), "/adapters/a1", False, None,
+         dict(state=State.INERT), NOTHING),
+    ],
+)
+def test_what_a_model_list_does_to_a_record(name, before, listed, planned, skip, after, seen):
+    assert before.observe(listed, planned, skip, now=100.0, period=5.0) is seen, name
+    assert {k: getattr(before, k) for k in after} == after, name
+
+
+def test_a_failure_backs_off_doubling_and_is_news_only_when_the_error_changes():
+    r = record()
+    assert r.fail("500: bad", now=0.0, period=5.0, permanent=True)
+    assert (r.state, r.retry_at, r.permanent) == (State.FAILED, 5.0, True)
+    assert not r.fail("500: bad", now=5.0, period=5.0) and r.retry_at == 15.0 and not r.permanent
+    assert r.fail("503: busy", now=15.0, period=5.0)
+
+
+def test_a_200_after_200s_to_no_effect_does_not_clear_the_failure():
+    r = record(state=State.FAILED, failures=2, doubts=2, last_error="load answered 200 but ...")
+    assert not r.succeed(Op.LOAD) and r.state is State.FAILED and r.failures == 2 and r.unconfirmed is Op.LOAD
+    fresh = record(state=State.FAILED, failures=2, last_error="404: none")
+    assert fresh.succeed(Op.LOAD) and fresh.state is State.LOADED and fresh.last_error is None
+
+
+@pytest.mark.parametrize(("records", "ready"), [
+    ({}, True),
+    ({"a": record(state=State.LOADED)}, True),
+    ({"a": record(state=State.LOADED, unconfirmed=Op.LOAD)}, False),  # not until the list bears it out
+    ({"a": record(state=State.SKIPPED)}, True),
+    ({"a": record(state=State.FAILED, permanent=True)}, True),
+    ({"a": record(state=State.FAILED, permanent=False)}, False),
+    ({"a": record(state=State.PENDING)}, False),
+    ({"a": record(state=State.PENDING, wanted=False)}, True),  # ensureNotExist never holds readiness
+])
+def test_readiness(records, ready):
+    assert sidecar.is_ready(records) is ready
+
+
+def test_due_actions_skip_those_backing_off():
+    waiting, free = record(retry_at=50.0), record(retry_at=10.0)
+    actions = [Action(Op.LOAD, Adapter("w", "/w"), ""), Action(Op.LOAD, Adapter("f", "/f"), ""),
+               Action(Op.UNLOAD, Adapter("x~staging", "/x"), "")]
+    due = sidecar.due_actions(actions, {"w": waiting, "f": free}, now=20.0)
+    assert [a.adapter.id for a in due] == ["f", "x~staging"]
+
+
 def test_plan_after_applying_it_is_empty():
     desired = desired_state([A1, A2, Adapter("x", "/x", "big")], [GONE])
     adapters = {"gone": "/g", "a2": "/old", "theirs": "/t"}
@@ -446,11 +535,6 @@ def states_of(client, mocked, *bodies: bytes) -> list[ServerState]:
     return [client.server_state() for _ in bodies]
 
 
-def test_a_list_that_changed_only_in_its_stamps_is_not_decoded_again(client, mocked):
-    first, second = states_of(client, mocked, vllm_list({"a1": "/a/1"}, 100), vllm_list({"a1": "/a/1"}, 101))
-    assert second is first
-
-
 @pytest.mark.parametrize(("before", "after"), [
     ({"a1": "/a/1"}, {"a1": "/a/1", "a2": "/a/2"}),  # an adapter appeared
     ({"a1": "/a/1", "a2": "/a/2"}, {"a1": "/a/1"}),  # one went (a vLLM restart looks like this)
@@ -469,14 +553,6 @@ def test_a_broken_copy_of_a_good_list_is_still_an_error(client, mocked):
     client.server_state()
     with pytest.raises(ServerError, match="unexpected body"):
         client.server_state()
-
-
-def test_another_server_is_read_afresh(client, mocked):
-    body = vllm_list({"a1": "/a/1"}, 100)
-    first = states_of(client, mocked, body)[0]
-    client.use_server("http://other.test:8000")
-    mocked.get("http://other.test:8000/v1/models", body=body, content_type="application/json")
-    assert client.server_state() is not first
 
 
 def test_model_list_5xx_is_a_server_error(client, mocked):
@@ -859,7 +935,7 @@ def test_a_load_answered_200_that_is_not_listed_fails_and_backs_off(client, mock
     record = r.records["a1"]
     assert record.state == "failed" and record.last_error == "load answered 200 but /v1/models does not list it"
     assert not result.in_sync and len(sent_posts(mocked)) == 2  # backing off, not re-sent at once
-    assert record.retry_at is not None and not r._settled()
+    assert record.retry_at is not None and not sidecar.is_ready(r.records)
 
 
 def test_an_unload_answered_200_that_stays_listed_fails(client, mocked):
@@ -989,7 +1065,7 @@ def test_status_reports_each_adapter(client, mocked):
     assert adapters["a1"]["last_error"] == "500: LoRA rank 16 is greater than max_lora_rank 8."
     assert adapters["a1"]["failures"] == 1 and adapters["a1"]["next_retry"]
     assert adapters["gone"] == {**adapters["gone"], "state": "absent", "last_action": "unload", "desired": "absent"}
-    assert adapters["x"]["state"] == "skipped" and "'big'" in adapters["x"]["last_error"]
+    assert adapters["x"]["state"] == "skipped" and "'big'" in adapters["x"]["skip_reason"]
 
 
 # ---------------------------------------------------------- config source
@@ -1082,7 +1158,8 @@ def test_api_key_from_environment(monkeypatch):
 @pytest.mark.parametrize(
     ("env", "value", "message"),
     [("LORA_SIDECAR_RECONCILE_TRIGGER", "soon", "invalid float value"),
-     ("LORA_SIDECAR_LOG_FORMAT", "xml", "--log-format: 'xml' is not one of text, json"),
+     ("LORA_SIDECAR_LOG_FORMAT", "xml", "--log-format: invalid choice: 'xml' (choose from 'text', 'json')"
+                                        " (LORA_SIDECAR_LOG_FORMAT='xml')"),
      ("LORA_SIDECAR_REQUEST_TIMEOUT", "0", "must be positive")],
 )
 def test_bad_environment_values_are_usage_errors(monkeypatch, capsys, env, value, message):
@@ -1179,3 +1256,104 @@ def test_adapter_series_follow_the_records(client, mocked):
     assert 'lora_sidecar_adapter_state{adapter="x",state="loaded"} 0.0' in text
     r.reconcile(desired_for(A1))
     assert 'adapter="x"' not in generate_latest(registry).decode()
+
+
+# ------------------------------------------------------- canary and drift
+
+COMPLETIONS = f"{URL}/v1/completions"
+
+
+def test_canary_from_the_top_level_with_each_adapter_able_to_override_it():
+    desired = parse("""
+vLLMLoRAConfig:
+  canary: {enabled: true, maxTokens: 4, inertBlocksReadiness: true}
+  ensureExist:
+    models:
+    - {id: a, source: /a}
+    - {id: b, source: /b, canary: {prompt: "Translate: hello"}}
+    - {id: c, source: /c, canary: {enabled: false}}
+""")
+    a, b, c = desired.ensure_exist
+    assert a.canary == sidecar.Canary("Once upon a time", 4, 30.0, True)
+    assert b.canary == sidecar.Canary("Translate: hello", 4, 30.0, True)
+    assert c.canary is None
+    assert parse("vLLMLoRAConfig: {ensureExist: {models: [{id: a, source: /a}]}}").ensure_exist[0].canary is None
+
+
+def completions_by_model(mocked, texts: dict[str, str | int]) -> list[str]:
+    """Answer /v1/completions per model: a text, or a status code; returns the models asked, in order."""
+    asked = []
+
+    def answer(request):
+        model = json.loads(request.body)["model"]
+        asked.append(model)
+        given = texts[model]
+        if isinstance(given, int):
+            return given, {}, json.dumps(vllm_error(f"The model '{model}' does not exist.", given))
+        return 200, {}, json.dumps({"choices": [{"index": 0, "text": given}]})
+
+    mocked.add_callback("POST", COMPLETIONS, callback=answer)
+    return asked
+
+
+def canary_cycles(client, mocked, texts, canary=CANARY, cycles=3):
+    """a1 loaded in cycle 1, seen in cycle 2 (the canary runs), in sync in cycle 3."""
+    a1 = replace(A1, canary=canary)
+    mocked.get(MODELS, json=models_body())
+    for _ in range(cycles - 1):
+        mocked.get(MODELS, json=models_body(("a1", "/adapters/a1")))
+    plain_text(mocked, "POST", LOAD, 200, "Success")
+    asked = completions_by_model(mocked, texts)
+    r = reconciler(client)
+    for _ in range(cycles):
+        r.reconcile(desired_for(a1))
+    return r, asked
+
+
+def test_an_adapter_whose_output_differs_from_its_base_is_verified_once(client, mocked):
+    r, asked = canary_cycles(client, mocked, {BASE: " the base", "a1": " the adapter"}, cycles=4)
+    assert asked == [BASE, "a1"]  # once, after the load was seen; nothing while in sync
+    record = r.records["a1"]
+    assert record.state is State.LOADED and record.proof["result"] == "verified" and r.ready
+
+
+@pytest.mark.parametrize(("blocks", "ready"), [(False, True), (True, False)])
+def test_an_adapter_that_answers_as_its_base_is_inert(client, mocked, blocks, ready):
+    canary = replace(CANARY, inert_blocks_readiness=blocks)
+    r, _ = canary_cycles(client, mocked, {BASE: " same", "a1": " same"}, canary)
+    record = r.records["a1"]
+    assert record.state is State.INERT and record.proof["result"] == "inert" and "' same'" in record.proof["detail"]
+    assert r.status()["adapters"]["a1"]["state"] == "inert" and r.ready is ready
+
+
+def test_a_server_that_cannot_complete_leaves_the_adapter_loaded_and_says_why(client, mocked):
+    r, _ = canary_cycles(client, mocked, {BASE: 404, "a1": " x"})
+    record = r.records["a1"]
+    assert record.state is State.LOADED and record.proof["result"] == "unavailable"
+    assert "answered 404" in record.proof["detail"] and r.ready
+
+
+def test_adapters_that_vanish_without_an_unload_are_lost_and_loaded_again(client, mocked, caplog):
+    mocked.get(MODELS, json=models_body(("a1", "/adapters/a1"), ("a2", "/adapters/a2")))
+    mocked.get(MODELS, json=models_body())  # the server restarted
+    plain_text(mocked, "POST", LOAD, 200, "Success")
+    r = reconciler(client)
+    r.reconcile(desired_for(A1, A2))
+    with caplog.at_level(logging.WARNING, logger="lora-sidecar"):
+        r.reconcile(desired_for(A1, A2))
+    assert [r.records[i].lost for i in ("a1", "a2")] == [1, 1]
+    assert sorted(json.loads(c.request.body)["lora_name"] for c in mocked.calls if c.request.url == LOAD) == [
+        "a1", "a2"]
+    (line,) = [m for m in caplog.messages if m.startswith("lost")]
+    assert "2 of the 2" in line and "the server restarted" in line
+
+
+def test_adapters_the_config_does_not_name_are_foreign_and_left_alone(client, mocked, caplog):
+    mocked.get(MODELS, json=models_body(("a1", "/adapters/a1"), ("theirs", "/t"), ("a1~staging", "/n")))
+    r = reconciler(client)
+    with caplog.at_level(logging.INFO, logger="lora-sidecar"):
+        r.reconcile(desired_for(A1))
+        r.reconcile(desired_for(A1))
+    assert r.status()["foreign"] == ["theirs"] and metric("lora_sidecar_foreign_adapters") == 1
+    assert len([m for m in caplog.messages if m.startswith("foreign: theirs")]) == 1
+    assert not [c for c in mocked.calls if c.request.method == "POST" and "theirs" in c.request.body.decode()]

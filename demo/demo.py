@@ -17,12 +17,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from kubelet import KubeletConfigDir
+
+from e2e.vllm_server import MODELS, VLLMServer
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
-
-from kubelet import KubeletConfigDir  # noqa: E402
-
-from e2e.vllm_server import MODELS, VLLMServer  # noqa: E402
 
 ADAPTERS = MODELS / "adapters"
 API_KEY = "demo-key-not-a-secret"

@@ -8,7 +8,7 @@
 - `vllm_factory`: servers of a test's own (restart, freeze), stopped at the end.
 
 The sidecar side (kubelet-style config folder, the sidecar process) is the process tests' own
-tests/kubelet.py and tests/sidecar_process.py: tests/ goes on sys.path here.
+harness, tests/kubelet.py and tests/sidecar_process.py (importable through pytest's `pythonpath`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,9 +29,6 @@ from e2e.vllm_server import (
 )
 
 E2E_DIR = Path(__file__).resolve().parent
-TESTS = str(REPO / "tests")
-if TESTS not in sys.path:
-    sys.path.insert(0, TESTS)
 CI = os.environ.get("CI", "").lower() == "true"
 E2E_OFF = os.environ.get("E2E", "").strip().lower() in ("0", "false", "no", "off")
 SKIP_NOTICE = "E2E=0: real-vLLM end-to-end tests skipped (unset E2E to run them)"

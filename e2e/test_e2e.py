@@ -15,20 +15,21 @@ import functools
 import json
 import re
 import statistics
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from kubelet import KubeletConfigDir
-from sidecar_process import Sidecar, configmap_manifest, lora_config, run_sidecar, wait_until
+from sidecar_process import Poller, Sidecar, configmap_manifest, lora_config, outages, run_sidecar, wait_until
 
 from e2e.conftest import failed, note_timing
 from e2e.vllm_server import SERVED_MODEL_NAME, VLLMServer, free_port
 
 PERIOD = 1.0  # --reconcile-trigger for most tests
-CONVERGE = 30.0  # generous deadline for "the sidecar got there"; typical is well under 2 s
+# Generous deadline for "the sidecar got there"; typical is well under 2 s. Deadlines here bound the
+# wait, they measure nothing: the timings are printed (note_timing) and `make bench` measures speed.
+CONVERGE = 30.0
 SERVER_DOWN = re.compile(r"server (is )?(down|unreachable|not healthy)|no answer within", re.I)
 # the sidecar's flags here: --reconcile-trigger is per test; the rest are its defaults (--request-timeout 10 ...)
 SIDECAR_FLAGS = ("--health-check-interval", "0.5", "--metrics-address", "127.0.0.1")
@@ -143,10 +144,9 @@ def test_converges_and_each_adapter_serves_its_own_text(vllm, refs, adapters, ku
     assert metrics.value("lora_sidecar_adapter_loaded", adapter="conv-a1") == 1
     assert metrics.value("lora_sidecar_adapter_loaded", adapter="conv-a2") == 1
 
-    # SIGTERM: exit 0 promptly, nothing unloaded on shutdown
-    code, seconds = sc.stop()
+    # SIGTERM: exit 0 (a sidecar still running after the stop's deadline is killed: no 0), nothing unloaded
+    code, _ = sc.stop()
     assert code == 0
-    assert seconds < 2.0
     assert set(roots(vllm, *want)) == set(want)
 
 
@@ -161,7 +161,6 @@ def test_kubelet_update_unloads_and_loads(vllm, refs, adapters, kube, sidecars):
                       {"upd-a2": adapters / "a2"}))
     took = wait_roots(vllm, {"upd-a1": adapters / "a1", "upd-a2": None, "upd-a3": adapters / "a3"}, sc)
     note_timing(f"kubelet-style update to server changed: {took:.2f} s (period {PERIOD:g} s)")
-    assert took < PERIOD + 3, "a config change should be acted on within about one period"
 
     status, body = vllm.complete("upd-a2")
     assert status == 404, body
@@ -212,9 +211,9 @@ def test_broken_new_version_keeps_the_old_one_serving(vllm, refs, adapters, kube
                     f"the reload to {bad.name} reported failed")
         assert roots(vllm, "bv-a1") == {"bv-a1": str(adapters / "a1")}
         assert text_of(vllm, "bv-a1") == refs["a1"], "the old version must keep serving"
-    # a good version again: it converges (the backoff of the broken one does not carry over)
+    # a good version again: it converges (a changed entry is tried afresh, whatever the broken one's backoff)
     kube.write(config(vllm.port, {"bv-a1": adapters / "a2"}))
-    wait_roots(vllm, {"bv-a1": adapters / "a2"}, sc, timeout=PERIOD + 3)
+    wait_roots(vllm, {"bv-a1": adapters / "a2"}, sc)
     assert text_of(vllm, "bv-a1") == refs["a2"]
 
 
@@ -271,11 +270,9 @@ def test_reloads_everything_after_vllm_restart(own_vllm, refs, adapters, kube, s
     own_vllm.start()
     up = time.monotonic()
     note_timing(f"vLLM restart (same port) healthy after {own_vllm.start_seconds:.1f} s")
-    margin = 0.5 + 2.0  # health-check interval + slack
     all_want = {**want, "rs-late": adapters / "a3"}
-    what = f"every adapter back within one period ({period:g} s) + {margin:g} s"
     wait_until(lambda: roots(own_vllm, *all_want) == {i: str(p) for i, p in all_want.items()},
-               period + margin, 0.05, message=lambda: f"{what}\n{sc.diagnose()}\n{late.diagnose()}")
+               CONVERGE, 0.05, message=lambda: f"every adapter back\n{sc.diagnose()}\n{late.diagnose()}")
     note_timing(f"adapters reloaded {time.monotonic() - up:.2f} s after vLLM came back")
     assert text_of(own_vllm, "rs-a1") == refs["a1"]
     assert text_of(own_vllm, "rs-a2") == refs["a2"]
@@ -294,14 +291,14 @@ def test_survives_a_frozen_vllm(own_vllm, refs, adapters, kube, sidecars):
     own_vllm.freeze()
     frozen_at = time.monotonic()
     try:
-        # a new adapter while the server answers nothing
+        # a new adapter while the server answers nothing; the freeze lasts until the sidecar has said the
+        # server is down, and at least freeze_for (longer than --request-timeout)
         kube.write(config(own_vllm.port, {"fz-a1": adapters / "a1", "fz-a2": adapters / "a2"}))
-        sc.wait_for_log(SERVER_DOWN.search, freeze_for - 0.5)  # the sidecar says the server is down
+        sc.wait_for_log(SERVER_DOWN.search, CONVERGE)
         assert sc.running
         assert sc.healthz() == 200
         assert sc.status()["server"]["up"] is False
-        # hold the freeze for its full length (longer than --request-timeout)
-        wait_until(lambda: time.monotonic() - frozen_at >= freeze_for, freeze_for + 1, 0.1)
+        time.sleep(max(0.0, frozen_at + freeze_for - time.monotonic()))  # a window: it keeps running, alive
         assert sc.running and sc.healthz() == 200
     finally:
         own_vllm.thaw()
@@ -366,7 +363,7 @@ def test_adapters_for_another_base_model_are_skipped(vllm, adapters, kube, sidec
     wait_roots(vllm, {"bm-byid": adapters / "a2", "bm-byroot": adapters / "a3"}, sc)
     sc.wait_for(lambda: sc.status()["adapters"]["bm-default"]["state"] == "skipped", 10,
                 "bm-default skipped")
-    reason = sc.status()["adapters"]["bm-default"]["last_error"] or ""
+    reason = sc.status()["adapters"]["bm-default"]["skip_reason"] or ""
     assert absent_base in reason and "tiny" in reason, f"the reason must name both models: {reason!r}"
     # and it stays unloaded over further cycles
     cycles = sc.metrics().total("lora_sidecar_reconcile_total")
@@ -386,7 +383,7 @@ def test_nothing_loaded_when_no_adapter_matches_the_base_model(vllm, adapters, k
     assert not {"bm-x1", "bm-x2"} & set(vllm.models())
     assert sc.metrics().total("lora_sidecar_operations_total") == 0
     for i in ("bm-x1", "bm-x2"):
-        reason = sc.status()["adapters"][i]["last_error"] or ""
+        reason = sc.status()["adapters"][i]["skip_reason"] or ""
         assert "other-base" in reason and "tiny" in reason, reason
 
 
@@ -470,47 +467,24 @@ def timed_completion(server: VLLMServer, model: str, max_tokens: int = SPEED_TOK
     return took
 
 
-def unavailable_windows(polls: list[tuple[float, float, int | None]]) -> list[float]:
-    """(sent, answered, status) polls in order -> seconds of each run of non-200 answers, counted from
-    the last 200 answer before it to the first 200 answer after it (an upper bound on the outage)."""
-    windows, last_ok, in_outage = [], None, False
-    for sent, answered, status in polls:
-        if status == 200:
-            if in_outage:
-                windows.append(answered - (last_ok if last_ok is not None else sent))
-            last_ok, in_outage = answered, False
-        else:
-            in_outage = True
-    if in_outage:
-        windows.append(float("inf"))  # never answered 200 again
-    return windows
-
-
-class CompletionPoller(threading.Thread):
-    """Sends 1-token completions through one adapter back to back until stop(); records each answer."""
+class CompletionPoller(Poller):
+    """Sends 1-token completions through one adapter back to back until stop(); keeps each answer's status
+    and the first few non-200 answers' text."""
 
     def __init__(self, server: VLLMServer, model: str) -> None:
-        super().__init__(daemon=True)
+        super().__init__(self.complete)
         self.server, self.model = server, model
-        self.polls: list[tuple[float, float, int | None]] = []
         self.errors: list[str] = []
-        self._halt = threading.Event()
 
-    def run(self) -> None:
+    def complete(self) -> int | None:
         body = {"model": self.model, "prompt": "Once upon a time", "max_tokens": 1, "temperature": 0}
-        while not self._halt.is_set():
-            sent = time.monotonic()
-            try:
-                status, text = self.server.request("POST", "/v1/completions", body, timeout=10)
-            except OSError as e:  # no answer at all counts as unavailable too
-                status, text = None, repr(e)
-            self.polls.append((sent, time.monotonic(), status))
-            if status != 200 and len(self.errors) < 5:
-                self.errors.append(f"{status}: {text[:200]}")
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(15)
+        try:
+            status, text = self.server.request("POST", "/v1/completions", body, timeout=10)
+        except OSError as e:  # no answer at all counts as unavailable too
+            status, text = None, repr(e)
+        if status != 200 and len(self.errors) < 5:
+            self.errors.append(f"{status}: {text[:200]}")
+        return status
 
     def statuses(self) -> Counter:
         return Counter(status for _, _, status in self.polls)
@@ -538,7 +512,7 @@ def test_version_update_runs_at_full_speed_and_is_briefly_unavailable(vllm, refs
     finally:
         poller.stop()
     during = [p for p in poller.polls if p[1] >= changed]
-    windows = unavailable_windows(poller.polls)  # every poll before the change answered 200
+    windows = outages(poller.polls)  # every poll before the change answered 200
     longest = max(windows, default=0.0)
     each = statistics.median(answered - sent for sent, answered, _ in poller.polls)
     note_timing(f"version update through the sidecar: server lists the new source {swap:.2f} s after the "

@@ -150,7 +150,9 @@ class VLLMServer:
                 f"no model in {self.model_dir}; run "
                 f"{self.python} e2e/build_model.py first"
             )
-        env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
+        # Not the caller's PYTHONPATH either: `make bench` and `make demo` point it at this repository's
+        # harness, which is no business of vLLM's.
+        env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "PYTHONPATH")}
         env.update(SERVER_ENV)
         env.update(self.extra_env)
         self._launched_at = time.monotonic()

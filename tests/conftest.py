@@ -1,30 +1,39 @@
-"""Shared test set-up: tests/ on sys.path, so `import fake_vllm` works however pytest imports files."""
+"""Fixtures shared by the process tests: the vLLM look-alike, adapter folders, a kubelet-style config
+folder and sidecar processes. The harness modules themselves (fake_vllm, kubelet, sidecar_process) are
+importable through pytest's `pythonpath` (pyproject.toml)."""
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-TESTS = str(Path(__file__).resolve().parent)
-if TESTS not in sys.path:
-    sys.path.insert(0, TESTS)
-
-from collections.abc import Callable, Iterator, Mapping, Sequence  # noqa: E402
-
-import pytest  # noqa: E402
-from fake_vllm import FakeVLLM, make_adapter  # noqa: E402
-from kubelet import KubeletConfigDir  # noqa: E402
-from sidecar_process import Sidecar  # noqa: E402
+import pytest
+from fake_vllm import FakeVLLM, make_adapter
+from kubelet import KubeletConfigDir
+from sidecar_process import Sidecar
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeVLLM]:
-    """A vLLM look-alike on a free port, in this process; its request log is the server-side truth."""
-    server = FakeVLLM(port=0).start()
-    try:
-        yield server
-    finally:
+def make_fake() -> Iterator[Callable[..., FakeVLLM]]:
+    """make(**FakeVLLM kwargs) -> a started fake on a free port; all are stopped at teardown.
+    Ask for it before start_sidecar, so the sidecars go first."""
+    servers: list[FakeVLLM] = []
+
+    def make(**kwargs: Any) -> FakeVLLM:
+        server = FakeVLLM(port=0, **kwargs).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def fake(make_fake: Callable[..., FakeVLLM]) -> FakeVLLM:
+    """A vLLM look-alike on a free port, in this process; its request log is the server-side truth."""
+    return make_fake()
 
 
 @pytest.fixture

@@ -1,16 +1,18 @@
 """A local stand-in for a vLLM 0.32 OpenAI server, for process tests, faults, soak and benchmarks.
 
-It answers the routes the sidecar uses exactly as the shared vllm-facts.md records a real
-server answering them (status codes, JSON error bodies, the plain-text 200 bodies that carry
-no Content-Type), decides adapter validity from the real filesystem as vLLM does, and adds a
-control surface under /_fake/ (no auth) to observe requests and inject faults.
+It answers the routes the sidecar uses (/health, /version, /v1/models, load and unload), and the
+completions the tests use to prove an adapter is live, the way a real vLLM server was observed to
+answer them (status codes, JSON error bodies, the plain-text 200 bodies that carry no Content-Type),
+and decides adapter validity from the real filesystem as vLLM does. Other paths answer 404 and other
+methods 405, as in vLLM. A control surface under /_fake/ (no auth) lets a test in another process
+(the benchmark) read the request log and the state and set the adapters.
 
 GET /version answers {"version": V} without a key (version=None: 404, a server without the route).
 A load with load_inplace=True is remembered per adapter while its flag sticks, as on vLLM <= 0.32
 (also an unknown version); from 0.33 on it does not: see inplace_sticky(). normalize_root=True makes
 /v1/models report each adapter's root without a trailing "/" (adapters() keeps it as sent).
 
-Faults (one at a time; set_fault(mode, ...) or POST /_fake/fault {"mode": ..., ...}):
+Faults (one at a time, in-process: set_fault(mode, ...)):
 health503 (/health 503), hang (vLLM routes answer nothing until cleared), load500,
 garbage_models (variant=not_json|wrong_type|missing_keys), slow_load (seconds=S per load),
 load_noop (load answers 200, nothing changes), unload_noop (unload answers 200, the adapter stays),
@@ -29,10 +31,11 @@ In-process:
     server.set_fault("hang"); server.set_fault("load_status", status=503); server.restart(down_seconds=1)
     server.stop()
 
-As a process (prints one line `LISTENING <port>` once it accepts connections; exits 0 on SIGTERM):
+As a process, the way the benchmark runs it (prints one line `LISTENING <port>` once it accepts
+connections; exits 0 on SIGTERM):
 
-    python tests/fake_vllm.py --port 0 [--api-key K] [--no-runtime-lora] [--load-delay S]
-        [--version-string V] [--normalize-root] ...
+    python tests/fake_vllm.py --port 0 [--accept-any-path] [--load-delay S] [--version-string V]
+    GET /_fake/requests, POST /_fake/reset, GET /_fake/state, PUT /_fake/adapters {name: path}
 
 Standard library only, so any venv (or none) can run it.
 """
@@ -79,6 +82,9 @@ ERROR_STATUSES = frozenset(s.value for s in HTTPStatus if s >= 400)
 # uvicorn closes idle keep-alive connections after 5 s; clients must cope with that race.
 UVICORN_KEEP_ALIVE_S = 5.0
 
+# --max-model-len of the servers the tests imitate (e2e/vllm_server.py starts the real one with it).
+MAX_MODEL_LEN = 128
+
 # serve_forever() checks for shutdown this often; it bounds how long stop() takes.
 POLL_INTERVAL_S = 0.01
 
@@ -98,13 +104,10 @@ class FakeConfig:
     model: str = "/models/base"
     served_model_names: tuple[str, ...] = ("base",)
     max_lora_rank: int = 8
-    max_model_len: int = 128
     runtime_lora: bool = True  # VLLM_ALLOW_RUNTIME_LORA_UPDATING=true and --enable-lora
     inplace_supported: bool = True  # False: an older vLLM that ignores load_inplace
     accept_any_path: bool = False  # any non-empty lora_path loads (benchmarks with 1000 adapters)
     load_delay: float = 0.0  # seconds each load holds the engine
-    keep_alive_timeout: float = UVICORN_KEEP_ALIVE_S
-    verbose: bool = False  # log requests and handler errors to stderr
     version: str | None = "0.32.0"  # what GET /version reports; None: the route does not exist
     normalize_root: bool = False  # /v1/models reports adapter roots without a trailing "/"
 
@@ -151,7 +154,6 @@ class Request:
     headers: Message
     body: bytes
     stopped: threading.Event  # set when the listener that accepted this request goes away
-    connection: socket.socket
 
 
 @dataclass(frozen=True)
@@ -191,10 +193,10 @@ class LoadRequest:
 # --- Reply builders -------------------------------------------------------------------------
 
 
-def json_reply(status: int, obj: Any, *, headers: tuple[tuple[str, str], ...] = (), close: bool = False) -> Reply:
+def json_reply(status: int, obj: Any, *, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
     # Starlette's JSONResponse renders compactly; matching it keeps byte-level comparisons honest.
     body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-    return Reply(status, body, "application/json", headers, close)
+    return Reply(status, body, "application/json", headers)
 
 
 def text_reply(status: int, text: str) -> Reply:
@@ -424,17 +426,15 @@ class _Listener(ThreadingHTTPServer):
             self._connections.discard(request)
         super().shutdown_request(request)
 
-    def cut_connections(self, spare: socket.socket | None = None) -> None:
+    def cut_connections(self) -> None:
         with self._connections_lock:
-            connections = [c for c in self._connections if c is not spare]
+            connections = list(self._connections)
         for connection in connections:
             with contextlib.suppress(OSError):  # already closed by the peer
                 connection.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # Peers that vanish mid-answer are normal in fault tests; say so only when asked.
-        if self.fake.config.verbose:
-            super().handle_error(request, client_address)
+        pass  # peers that vanish mid-answer are normal in fault tests
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -442,24 +442,18 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body go out in two writes; without this, Nagle's algorithm and the
     # client's delayed ACK add 40 ms to every answer, which uvicorn does not.
     disable_nagle_algorithm = True
+    timeout = UVICORN_KEEP_ALIVE_S
     server: _Listener
-
-    def setup(self) -> None:
-        self.timeout = self.server.fake.config.keep_alive_timeout
-        super().setup()
 
     def version_string(self) -> str:
         return "uvicorn"
 
     def log_message(self, format: str, *args: Any) -> None:
-        if self.server.fake.config.verbose:
-            super().log_message(format, *args)
+        pass
 
-    # Every method goes through one dispatcher, so vLLM's 404/405 answers come out right.
+    # The methods the sidecar, the tests and the benchmark send, through one dispatcher, so vLLM's
+    # 404/405 answers come out right.
     def do_GET(self) -> None:
-        self._handle()
-
-    def do_HEAD(self) -> None:
         self._handle()
 
     def do_POST(self) -> None:
@@ -468,23 +462,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self._handle()
 
-    def do_PATCH(self) -> None:
-        self._handle()
-
-    def do_DELETE(self) -> None:
-        self._handle()
-
-    def do_OPTIONS(self) -> None:
-        self._handle()
-
     def _handle(self) -> None:
         try:
             body = self._read_body()
         except ValueError:
             self._send(Reply(400, b"Invalid HTTP request received.", "text/plain; charset=utf-8", close=True))
             return
-        request = Request(self.command, urlsplit(self.path).path, self.headers, body, self.server.stopped,
-                          self.connection)
+        request = Request(self.command, urlsplit(self.path).path, self.headers, body, self.server.stopped)
         try:
             reply = self.server.fake.handle(request)
         except Exception:
@@ -496,23 +480,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(reply)
 
     def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return self._read_chunked()
         length = int(self.headers.get("Content-Length") or 0)
         if length < 0:
             raise ValueError("negative Content-Length")
         return self.rfile.read(length)
-
-    def _read_chunked(self) -> bytes:
-        chunks = []
-        while True:
-            size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
-            if size == 0:
-                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                return b"".join(chunks)
-            chunks.append(self.rfile.read(size))
-            self.rfile.readline()
 
     def _send(self, reply: Reply) -> None:
         try:
@@ -526,8 +497,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Connection", "close")
                 self.close_connection = True
             self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(reply.body)
+            self.wfile.write(reply.body)
         except OSError:
             self.close_connection = True  # the client gave up (timeout) or stop() cut the connection
 
@@ -545,7 +515,7 @@ class FakeVLLM:
         port: int = 0,
         api_key: str | None = None,
         model: str = "/models/base",
-        served_model_name: str | Sequence[str] | None = "base",
+        served_model_name: str | Sequence[str] = "base",
         max_lora_rank: int = 8,
         runtime_lora: bool = True,
         inplace_supported: bool = True,
@@ -553,23 +523,14 @@ class FakeVLLM:
         load_delay: float = 0.0,
         *,
         host: str = "127.0.0.1",
-        max_model_len: int = 128,
-        keep_alive_timeout: float = UVICORN_KEEP_ALIVE_S,
-        verbose: bool = False,
         version: str | None = "0.32.0",
         normalize_root: bool = False,
     ) -> None:
-        if served_model_name is None:
-            names: tuple[str, ...] = (model,)  # vLLM serves the --model value when no name is given
-        elif isinstance(served_model_name, str):
-            names = (served_model_name,)
-        else:
-            names = tuple(served_model_name)
+        names = (served_model_name,) if isinstance(served_model_name, str) else tuple(served_model_name)
         self.config = FakeConfig(
             host=host, port=port, api_key=api_key, model=model, served_model_names=names,
-            max_lora_rank=max_lora_rank, max_model_len=max_model_len, runtime_lora=runtime_lora,
-            inplace_supported=inplace_supported, accept_any_path=accept_any_path, load_delay=load_delay,
-            keep_alive_timeout=keep_alive_timeout, verbose=verbose, version=version, normalize_root=normalize_root,
+            max_lora_rank=max_lora_rank, runtime_lora=runtime_lora, inplace_supported=inplace_supported,
+            accept_any_path=accept_any_path, load_delay=load_delay, version=version, normalize_root=normalize_root,
         )
         self._log = RequestLog()
         # _lock guards the engine state below; _changed wakes handlers held by the "hang" fault.
@@ -630,10 +591,6 @@ class FakeVLLM:
         if not self.config.port:
             raise RuntimeError("FakeVLLM has no port yet: call start() first")
         host = self.config.host
-        if host in ("", "0.0.0.0"):
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
         return f"http://[{host}]:{self.config.port}" if ":" in host else f"http://{host}:{self.config.port}"
 
     def __enter__(self) -> FakeVLLM:
@@ -663,7 +620,7 @@ class FakeVLLM:
                     raise
                 time.sleep(0.02)
 
-    def _stop(self, *, keep_adapters: bool, spare: socket.socket | None = None) -> None:
+    def _stop(self, *, keep_adapters: bool) -> None:
         with self._lifecycle:
             self._cancel_pending_start()
             listener, self._listener = self._listener, None
@@ -677,7 +634,7 @@ class FakeVLLM:
                         self._sticky.clear()
                 listener.shutdown()
                 listener.server_close()
-                listener.cut_connections(spare)
+                listener.cut_connections()
             elif not keep_adapters:
                 with self._lock:
                     self._adapters.clear()
@@ -785,24 +742,22 @@ class FakeVLLM:
         return not stopped.is_set()
 
     def _vllm(self, request: Request) -> Reply | None:
-        # vLLM's auth middleware guards every path under /v1 (not /health), before routing.
-        if self._needs_auth(request) and request.headers.get("Authorization") != f"Bearer {self.config.api_key}":
+        # vLLM's auth middleware guards every path under /v1 (not /health or /version), before routing.
+        key = self.config.api_key
+        if key is not None and request.path.startswith("/v1") and request.headers.get("Authorization") != \
+                f"Bearer {key}":
             return UNAUTHORIZED
         methods = self._routes().get(request.path)
         if methods is None:
             return NOT_FOUND
-        route = methods.get("GET" if request.method == "HEAD" else request.method)
+        route = methods.get(request.method)
         if route is None:
             return method_not_allowed(methods)
         return route(request)
 
-    def _needs_auth(self, request: Request) -> bool:
-        return self.config.api_key is not None and request.path.startswith("/v1") and request.method != "OPTIONS"
-
     def _routes(self) -> dict[str, dict[str, Route]]:
         routes: dict[str, dict[str, Route]] = {
             "/health": {"GET": self._health},
-            "/ping": {"GET": self._health, "POST": self._health},
             "/v1/models": {"GET": self._models},
             "/v1/completions": {"POST": self._completions},
         }
@@ -832,7 +787,7 @@ class FakeVLLM:
     def _model_cards(self) -> list[JsonObject]:
         config, created = self.config, self._next_created()
         names = config.served_model_names
-        base = [model_card(name, config.model, None, config.max_model_len, created) for name in names]
+        base = [model_card(name, config.model, None, MAX_MODEL_LEN, created) for name in names]
         adapters = self.adapters()
         if config.normalize_root:
             adapters = {name: path.rstrip("/") or path for name, path in adapters.items()}
@@ -961,10 +916,7 @@ class FakeVLLM:
             ("GET", "/_fake/requests"): lambda r, body: json_reply(200, self.requests()),
             ("POST", "/_fake/reset"): self._control_reset,
             ("GET", "/_fake/state"): lambda r, body: json_reply(200, self.state()),
-            ("POST", "/_fake/adapters"): self._control_adapters,
             ("PUT", "/_fake/adapters"): self._control_adapters,
-            ("POST", "/_fake/fault"): self._control_fault,
-            ("POST", "/_fake/restart"): self._control_restart,
         }
         route = routes.get((request.method, request.path))
         if route is None:
@@ -984,24 +936,11 @@ class FakeVLLM:
         return json_reply(200, {"ok": True})
 
     def _control_adapters(self, request: Request, body: JsonObject) -> Reply:
-        if not all(isinstance(v, str | None) for v in body.values()):
-            raise ValueError("expected {name: path-or-null}")
-        self.set_adapters(body, replace=request.method == "PUT")
+        """PUT {name: path}: exactly these adapters loaded, behind the sidecar's back."""
+        if not all(isinstance(v, str) for v in body.values()):
+            raise ValueError("expected {name: path}")
+        self.set_adapters(body, replace=True)
         return json_reply(200, {"adapters": self.adapters()})
-
-    def _control_fault(self, request: Request, body: JsonObject) -> Reply:
-        fault = self.set_fault(str(body.get("mode", "")), variant=body.get("variant"), seconds=body.get("seconds"),
-                               status=body.get("status"))
-        return json_reply(200, fault.to_json())
-
-    def _control_restart(self, request: Request, body: JsonObject) -> Reply:
-        down = float(body.get("down_seconds", 0.0))
-        keep = bool(body.get("keep_adapters", False))
-        # Close the port before answering, so a client that got the 200 finds it refusing;
-        # this request's own connection is spared to carry the answer.
-        self._stop(keep_adapters=keep, spare=request.connection)
-        self._schedule_start(down)
-        return json_reply(200, {"restarting": True, "down_seconds": down, "keep_adapters": keep}, close=True)
 
 
 # --- Command line ---------------------------------------------------------------------------
@@ -1009,23 +948,11 @@ class FakeVLLM:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="A fake vLLM OpenAI server for tests (see module docstring).")
-    p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port; the chosen one is printed")
-    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
-    p.add_argument("--model", default="/models/base", help="the --model value: `root` of the base model")
-    p.add_argument("--served-model-name", nargs="+", default=["base"], help="base model id(s), as in vLLM")
-    p.add_argument("--max-lora-rank", type=int, default=8)
-    p.add_argument("--max-model-len", type=int, default=128)
-    p.add_argument("--no-runtime-lora", action="store_true", help="load/unload routes answer 404, as without "
-                   "VLLM_ALLOW_RUNTIME_LORA_UPDATING")
-    p.add_argument("--no-inplace", action="store_true", help="ignore load_inplace, like an older vLLM")
     p.add_argument("--accept-any-path", action="store_true", help="any non-empty lora_path loads")
     p.add_argument("--load-delay", type=float, default=0.0, help="seconds each load takes (loads run one at a time)")
     p.add_argument("--version-string", default="0.32.0", metavar="V",
                    help='what GET /version reports; "" means no such route (404)')
-    p.add_argument("--normalize-root", action="store_true",
-                   help='/v1/models lists adapter roots without a trailing "/"')
-    p.add_argument("--verbose", action="store_true", help="log requests to stderr")
     return p.parse_args(argv)
 
 
@@ -1035,17 +962,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # only sigwait() below sees them: no signal handler runs in the middle of a lock.
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    server = FakeVLLM(
-        port=args.port, api_key=args.api_key, model=args.model, served_model_name=args.served_model_name,
-        max_lora_rank=args.max_lora_rank, runtime_lora=not args.no_runtime_lora,
-        inplace_supported=not args.no_inplace, accept_any_path=args.accept_any_path, load_delay=args.load_delay,
-        host=args.host, max_model_len=args.max_model_len, verbose=args.verbose,
-        version=args.version_string or None, normalize_root=args.normalize_root,
-    )
+    server = FakeVLLM(port=args.port, accept_any_path=args.accept_any_path, load_delay=args.load_delay,
+                      version=args.version_string or None)
     try:
         server.start()
     except OSError as e:
-        print(f"fake_vllm: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        print(f"fake_vllm: cannot listen on port {args.port}: {e}", file=sys.stderr)
         return 1
     print(f"LISTENING {server.port}", flush=True)
     signal.sigwait(stop_signals)

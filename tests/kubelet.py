@@ -1,6 +1,6 @@
 """A config folder updated the way the kubelet updates a mounted ConfigMap.
 
-Steps, as in ../shared/configmap-facts.md: write a new timestamped folder, point
+The kubelet's steps (its atomic writer): write a new timestamped folder, point
 `..data_tmp` at it and rename it over `..data` (the atomic switch), add the key
 symlink if missing, delete the old folder last.
 """
@@ -11,6 +11,7 @@ import itertools
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 _versions = itertools.count()
@@ -34,11 +35,23 @@ class KubeletConfigDir:
         from), or None when the version was ignored.
         """
         data = text.encode() if isinstance(text, str) else text
-        if self.path.exists() and self.path.read_bytes() == data:
+        if self.path.is_file() and self.path.read_bytes() == data:
             return None
+        return self._publish(lambda key: key.write_bytes(data))
+
+    def write_directory(self) -> float:
+        """Publish a version in which the key is a directory (a file inside it), which no sidecar can read."""
+
+        def fill(key: Path) -> None:
+            key.mkdir()
+            (key / "inside.yaml").write_text("vLLMLoRAConfig: {}\n")
+
+        return self._publish(fill)
+
+    def _publish(self, fill: Callable[[Path], None]) -> float:
         version = self.root / f"..{os.getpid()}_{next(_versions):06d}"
         version.mkdir()
-        (version / self.key).write_bytes(data)
+        fill(version / self.key)
         old = self._current()
         tmp = self.root / "..data_tmp"
         os.symlink(version.name, tmp)

@@ -1,6 +1,7 @@
 """Run sidecar.py as a real process and observe it the way a user would.
 
-Reusable by the process, reliability and benchmark tests:
+The harness of the process, fault, soak, e2e and benchmark code (importable through pytest's
+`pythonpath`, and through PYTHONPATH=.:tests for the scripts the Makefile runs):
 
     from sidecar_process import Sidecar, free_port, wait_until, lora_config
 
@@ -12,7 +13,12 @@ Reusable by the process, reliability and benchmark tests:
 
     result = run_sidecar(["--config", path, "--once"])   # result.code, result.stdout, result.stderr
 
-Every HTTP read uses a short timeout; every wait has a deadline and fails with what it saw.
+    converge(fake, {"a": path})                # until the fake vLLM holds exactly these adapters
+    wait_cycles(fake, 2)                       # until two more reconcile cycles (GET /v1/models)
+
+Every HTTP read uses a short timeout; every wait has a deadline and fails with what it saw. The
+deadlines are generous (DEADLINE): they bound how long a broken sidecar is waited for, they do not
+measure speed (`make bench` does), so a busy 2-core CI machine does not make them fail.
 The child gets a clean environment: no LORA_SIDECAR_*, VLLM_API_KEY or DYNAMIC_LORA_ROLLOUT_CONFIG
 leaks in from the caller unless passed in `env`.
 """
@@ -35,11 +41,9 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script (python tests/faults.py): e2e/ is not importable yet
-    sys.path.append(str(REPO))
+from e2e.vllm_server import free_port  # standard library only; re-exported for the tests
 
-from e2e.vllm_server import free_port  # noqa: E402  (standard library only; re-exported for the tests)
+REPO = Path(__file__).resolve().parent.parent
 
 # SIDECAR_SCRIPT runs these tests against another copy (validation.yaml must sit next to it).
 SIDECAR = Path(os.environ.get("SIDECAR_SCRIPT") or REPO / "sidecar.py")
@@ -54,11 +58,16 @@ FAST_FLAGS = (
     "--metrics-address", "127.0.0.1",
 )
 
+# How long a wait gives something that takes a few reconcile cycles on a quiet machine. Only a broken
+# sidecar ever waits it out; a slow machine uses some of it.
+DEADLINE = 10.0
+
 T = TypeVar("T")
 
 
 def wait_until(
-    predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.02, message: str | Callable[[], str] = ""
+    predicate: Callable[[], T], timeout: float = DEADLINE, interval: float = 0.02,
+    message: str | Callable[[], str] = "",
 ) -> T:
     """Poll `predicate` until it returns something truthy; return that. On timeout fail with `message`.
 
@@ -299,7 +308,7 @@ class Sidecar:
         test = (lambda text: predicate in text) if isinstance(predicate, str) else predicate
         return [text for text in self.lines() if test(text)]
 
-    def wait_for_log(self, predicate: Callable[[str], bool] | str, timeout: float = 5.0) -> str:
+    def wait_for_log(self, predicate: Callable[[str], bool] | str, timeout: float = DEADLINE) -> str:
         found = wait_until(lambda: self.log_matching(predicate), timeout,
                            message=lambda: f"log line {predicate!r}; log:\n" + self.log_text())
         return found[0]
@@ -332,18 +341,18 @@ class Sidecar:
     def readyz(self) -> int:
         return self.get("/readyz").status_code
 
-    def wait_serving(self, timeout: float = 10.0) -> None:
+    def wait_serving(self, timeout: float = DEADLINE) -> None:
         """Until the sidecar's HTTP server answers (any status)."""
         wait_until(lambda: self.healthz() in (200, 503), timeout, message=self.diagnose)
 
-    def wait_ready(self, timeout: float = 10.0) -> None:
+    def wait_ready(self, timeout: float = DEADLINE) -> None:
         wait_until(lambda: self.readyz() == 200, timeout, message=self.diagnose)
 
-    def wait_metric(self, name: str, expected: float, timeout: float = 5.0, **labels: str) -> None:
+    def wait_metric(self, name: str, expected: float, timeout: float = DEADLINE, **labels: str) -> None:
         wait_until(lambda: self.metrics().value(name, **labels) == expected, timeout,
                    message=lambda: f"{name}{labels} == {expected}\n" + self.diagnose())
 
-    def wait_for(self, predicate: Callable[[], T], timeout: float = 5.0, what: str = "",
+    def wait_for(self, predicate: Callable[[], T], timeout: float = DEADLINE, what: str = "",
                  interval: float = 0.02) -> T:
         """wait_until(predicate), failing with `what`, whether the sidecar still runs, and its log."""
         return wait_until(predicate, timeout, interval, message=lambda: f"{what or predicate}\n{self.diagnose()}")
@@ -402,3 +411,75 @@ def unloads(log: Iterable[Mapping[str, Any]], name: str | None = None, since: fl
 
 def posts(log: Iterable[Mapping[str, Any]], since: float = 0.0) -> list[Mapping[str, Any]]:
     return [e for e in log if e["method"] == "POST" and e["t"] >= since]
+
+
+MODELS_GET = ("GET", "/v1/models")
+
+
+def converge(fake: Any, expected: Mapping[str, str], timeout: float = DEADLINE, sidecar: Sidecar | None = None) -> None:
+    """Until the fake vLLM (anything with .adapters()) holds exactly `expected` ({name: path})."""
+    wanted = dict(expected)
+    wait_until(lambda: fake.adapters() == wanted, timeout,
+               message=lambda: f"server adapters {fake.adapters()} == {wanted}"
+                               + (f"\n{sidecar.diagnose()}" if sidecar else ""))
+
+
+def models_calls(fake: Any, since: float = 0.0) -> int:
+    """How many GET /v1/models (one per reconcile cycle) the fake has received since `since`."""
+    return vllm_calls(fake.requests(), since).count(MODELS_GET)
+
+
+def wait_cycles(fake: Any, count: int, timeout: float = DEADLINE) -> None:
+    """Until `count` more reconcile cycles (GET /v1/models) have reached the fake."""
+    start = models_calls(fake)
+    wait_until(lambda: models_calls(fake) >= start + count, timeout, message=f"{count} more GET /v1/models")
+
+
+# ------------------------------------------------------------------ availability, polled from outside
+
+
+Poll = tuple[float, float, int | None]  # (sent, answered, HTTP status or None for no answer)
+
+
+class Poller(threading.Thread):
+    """Calls `probe` (returns an HTTP status) every `interval` seconds until stop(); keeps every Poll.
+    An OSError from the probe (refused, reset, timed out) is a poll without an answer."""
+
+    def __init__(self, probe: Callable[[], int | None], interval: float = 0.0) -> None:
+        super().__init__(daemon=True)
+        self.probe, self.interval = probe, interval
+        self.polls: list[Poll] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            sent = time.monotonic()
+            try:
+                status = self.probe()
+            except OSError:
+                status = None
+            self.polls.append((sent, time.monotonic(), status))
+            self._halt.wait(self.interval)
+
+    def stop(self) -> list[Poll]:
+        self._halt.set()
+        self.join(15)
+        return self.polls
+
+
+def outages(polls: Iterable[Poll]) -> list[float]:
+    """Seconds of each run of non-200 answers, from the last 200 answer before it to the first 200 answer
+    after it (an upper bound on the outage, within one poll's time); inf if no 200 came after it."""
+    windows: list[float] = []
+    last_ok: float | None = None
+    outage = False
+    for sent, answered, status in polls:
+        if status == 200:
+            if outage:
+                windows.append(answered - (last_ok if last_ok is not None else sent))
+            last_ok, outage = answered, False
+        else:
+            outage = True
+    if outage:
+        windows.append(float("inf"))
+    return windows

@@ -1,10 +1,11 @@
 """Process tests: sidecar.py as a real process against the vLLM look-alike, config in a kubelet-style folder.
 
 What a user would check, from the outside: the fake's request log (the server-side truth), the
-sidecar's exit codes, its log lines, and its /metrics, /healthz, /readyz and /status. Every wait has a
-deadline; the only plain sleeps are where a test must show that something does NOT happen over a period.
+sidecar's exit codes, its log lines, and its /metrics, /healthz, /readyz and /status. Every wait is on
+a condition, with a generous deadline that measures nothing (speed is `make bench`'s business); the
+only plain sleeps are where a test must show that something does NOT happen over a window.
 
-Issue 2 (core) first, then issue 3 (operations).
+The core (following the config) first, then operations (metrics, status, probes, logs).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from pathlib import Path
 import pytest
 from fake_vllm import FakeVLLM
 from sidecar_process import (
+    MODELS_GET,
     Sidecar,
-    configmap_manifest,
+    converge,
     free_port,
     loads,
     lora_config,
@@ -31,12 +33,13 @@ from sidecar_process import (
     run_sidecar,
     unloads,
     vllm_calls,
+    wait_cycles,
     wait_until,
 )
 
 StartSidecar = Callable[..., Sidecar]
 
-MODELS = ("GET", "/v1/models")
+MODELS = MODELS_GET
 HEALTH = ("GET", "/health")
 VERSION = ("GET", "/version")
 LOAD = ("POST", "/v1/load_lora_adapter")
@@ -45,21 +48,6 @@ LOAD = ("POST", "/v1/load_lora_adapter")
 def run(start_sidecar: StartSidecar, config: Path, *flags: object, env: dict[str, str] | None = None) -> Sidecar:
     """A sidecar with JSON logs (so tests can count lines exactly) on `config`."""
     return start_sidecar(["--config", config, "--log-format", "json", *flags], env)
-
-
-def converge(fake: FakeVLLM, expected: dict[str, str], timeout: float = 10.0) -> None:
-    wait_until(lambda: fake.adapters() == expected, timeout,
-               message=lambda: f"server adapters {fake.adapters()} == {expected}")
-
-
-def models_calls(fake: FakeVLLM, since: float = 0.0) -> int:
-    return vllm_calls(fake.requests(), since).count(MODELS)
-
-
-def wait_cycles(fake: FakeVLLM, count: int, timeout: float = 5.0) -> None:
-    """Until `count` more reconcile cycles (GET /v1/models) have been answered."""
-    start = models_calls(fake)
-    wait_until(lambda: models_calls(fake) >= start + count, timeout, message=f"{count} more GET /v1/models")
 
 
 def errors_in_log(sidecar: Sidecar, fragment: str) -> list[dict]:
@@ -81,7 +69,7 @@ def keyed_fake() -> Iterator[tuple[FakeVLLM, str]]:
         server.stop()
 
 
-# ===================================================================== issue 2: core
+# ===================================================================== following the config
 
 
 def test_converges_from_start_with_one_load_each(fake, adapter_paths, kubelet, start_sidecar):
@@ -100,11 +88,13 @@ def test_converges_from_start_with_one_load_each(fake, adapter_paths, kubelet, s
     assert set(vllm_calls(log)) <= {HEALTH, VERSION, MODELS, LOAD}
 
 
-def test_kubelet_config_swap_is_acted_on_within_one_second(fake, adapter_paths, kubelet, start_sidecar):
+def test_kubelet_config_swaps_are_acted_on_without_waiting_for_the_period(fake, adapter_paths, kubelet,
+                                                                          start_sidecar):
     paths = adapter_paths(["a", "b", "c"])
     moved = adapter_paths(["b2"])["b2"]
     kubelet.write(lora_config(fake.port, {"a": paths["a"]}))
-    # A 30 s period: only noticing the swap itself can explain an action within a second.
+    # A 30 s period: only noticing the swap itself can explain an action before it is up (each wait's
+    # deadline is a third of it). How fast a swap is noticed is the bench's reaction row.
     run(start_sidecar, kubelet.path, "--reconcile-trigger", "30")
     converge(fake, {"a": paths["a"]})
 
@@ -119,8 +109,8 @@ def test_kubelet_config_swap_is_acted_on_within_one_second(fake, adapter_paths, 
     for text, acted in steps:  # three swaps in a row: the watch survives the old folder's deletion
         swapped = time.monotonic()
         kubelet.write(text)
-        entry = wait_until(lambda acted=acted, swapped=swapped: acted(fake.requests(), swapped), 3.0)[0]
-        assert entry["t"] - swapped < 1.0, f"acted on after {entry['t'] - swapped:.2f} s"
+        wait_until(lambda acted=acted, swapped=swapped: acted(fake.requests(), swapped),
+                   message=f"the swap to {text!r} acted on")
 
     converge(fake, {"b": moved, "c": paths["c"]})
     # One cycle per swap, and no extra period-driven cycle or health probe.
@@ -138,6 +128,14 @@ BAD_CONFIGS = {
     "empty-file": (lambda k, port, p: k.write(""), "is empty"),
     "missing-key": (lambda k, port, p: k.remove_key(), "does not exist"),
     "dangling-symlink": (lambda k, port, p: k.dangle(), "does not exist"),
+    # A Python tag would run code under an unsafe loader: it is refused like any other bad YAML.
+    "python-tag": (lambda k, port, p: k.write(
+        f"vLLMLoRAConfig: !!python/object/apply:os.system ['touch {p['x']}/ran']"),
+        "could not determine a constructor"),
+    # A plain YAML loader would let the second ensureExist replace the first without a word.
+    "duplicate-keys": (lambda k, port, p: k.write(
+        f"vLLMLoRAConfig:\n  port: {port}\n  ensureExist: {{models: [{{id: a, source: {p['a']}}}]}}\n"
+        f"  ensureExist: {{models: [{{id: x, source: {p['x']}}}]}}\n"), "duplicate key 'ensureExist'"),
 }
 
 
@@ -154,21 +152,20 @@ def test_bad_config_changes_nothing_is_logged_once_and_a_good_one_follows(
     breaking, fragment = BAD_CONFIGS[kind]
     broken_at = time.monotonic()
     breaking(kubelet, fake.port, paths)
-    wait_until(lambda: errors_in_log(sidecar, fragment), 3.0,
+    wait_until(lambda: errors_in_log(sidecar, fragment),
                message=lambda: f"an error naming {fragment!r} in the log:\n{sidecar.log_text()}")
-    time.sleep(0.8)  # over two periods and fifteen stat ticks: nothing may happen, and no repeated error
+    time.sleep(0.8)  # a window of two periods and fifteen stat ticks: no action, no repeated error
 
     assert not posts(fake.requests(), broken_at), "a bad config must not unload or load anything"
     assert fake.adapters() == good
     assert len(errors_in_log(sidecar, fragment)) == 1, sidecar.log_text()
+    assert not (Path(paths["x"]) / "ran").exists()
 
     fixed = {**good, "d": paths["d"]}
-    fixed_at = time.monotonic()
     kubelet.write(lora_config(fake.port, fixed))
-    converge(fake, fixed, timeout=2.0)
-    assert loads(fake.requests(), "d", fixed_at)[0]["t"] - fixed_at < 1.0
+    converge(fake, fixed)
     assert not unloads(fake.requests())
-    sidecar.wait_for_log("config is valid again", 2.0)
+    sidecar.wait_for_log("config is valid again")
     assert len(errors_in_log(sidecar, fragment)) == 1
 
 
@@ -183,9 +180,9 @@ def test_without_a_good_config_yet_it_waits_says_why_once_and_starts_when_one_ar
         kubelet.root.mkdir(parents=True, exist_ok=True)  # the volume is there, the key is not
     sidecar = run(start_sidecar, kubelet.path)
     sidecar.wait_serving()
-    wait_until(lambda: errors_in_log(sidecar, fragment), 2.0,
+    wait_until(lambda: errors_in_log(sidecar, fragment),
                message=lambda: f"an error naming {fragment!r} in the log:\n{sidecar.log_text()}")
-    time.sleep(0.6)  # three health-check intervals, each forcing a re-read: no repeated error
+    time.sleep(0.6)  # a window of three health-check intervals, each forcing a re-read: no repeated error
     assert len(errors_in_log(sidecar, fragment)) == 1
     assert fragment in (sidecar.status()["config"]["error"] or "")
     assert sidecar.metrics().value("lora_sidecar_config_valid") == 0
@@ -193,26 +190,24 @@ def test_without_a_good_config_yet_it_waits_says_why_once_and_starts_when_one_ar
     assert fake.requests() == []
 
     paths = adapter_paths(["a"])
-    written = time.monotonic()
     kubelet.write(lora_config(fake.port, paths))
-    converge(fake, paths, timeout=2.0)
-    assert loads(fake.requests())[0]["t"] - written < 1.0
-    sidecar.wait_ready(2.0)
+    converge(fake, paths)
+    sidecar.wait_ready()
 
 
-def test_vllm_restart_is_repaired_within_one_period(fake, adapter_paths, kubelet, start_sidecar):
-    period = 1.0
+def test_vllm_restart_is_repaired_without_a_config_change(fake, adapter_paths, kubelet, start_sidecar):
     paths = adapter_paths(["a", "b", "c"])
     kubelet.write(lora_config(fake.port, paths))
-    run(start_sidecar, kubelet.path, "--reconcile-trigger", period)
+    run(start_sidecar, kubelet.path)
     converge(fake, paths)
 
     restarted = time.monotonic()
     fake.restart()  # back at once, with every runtime adapter gone
     assert fake.adapters() == {}
-    converge(fake, paths, timeout=period + 2.0)
-    repaired = max(e["t"] for e in loads(fake.requests(), since=restarted))
-    assert repaired - restarted < period + 0.6, f"repaired after {repaired - restarted:.2f} s"
+    converge(fake, paths)
+    again = loads(fake.requests(), since=restarted)
+    assert sorted(e["body"]["lora_name"] for e in again) == sorted(paths), "each loaded again, once"
+    assert all(e["status"] == 200 for e in again)
 
 
 def test_one_adapter_failing_with_500_does_not_hold_up_nine_and_backs_off(
@@ -239,15 +234,12 @@ def test_one_adapter_failing_with_500_does_not_hold_up_nine_and_backs_off(
     assert first_attempts["big"]["status"] == 500
     assert all(e["status"] == 200 for name, e in first_attempts.items() if name != "big"), "the others go on"
 
-    # Retried later with exponential backoff: fewer attempts than periods, growing gaps.
-    first = first_attempts["big"]["t"]
-    time.sleep(max(0.0, first + 1.8 - time.monotonic()))  # retries due at +0.2, +0.6, +1.4
-    attempts = [e["t"] for e in loads(fake.requests(), "big")]
-    periods = (time.monotonic() - first) / period
-    assert 3 <= len(attempts) <= 5 and len(attempts) < periods / 2, f"{len(attempts)} attempts, {periods:.1f} periods"
+    # Retried with exponential backoff: the n-th retry waits at least period x 2^(n-1) after the
+    # failure before it (a busy machine can only make the waits longer).
+    sidecar.wait_for(lambda: len(loads(fake.requests(), "big")) >= 4, what="three retries of big")
+    attempts = [e["t"] for e in loads(fake.requests(), "big")][:4]
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
-    assert all(b >= a * 0.9 for a, b in itertools.pairwise(gaps)), gaps
-    assert gaps[-1] >= 2 * gaps[0] * 0.9, gaps
+    assert all(gap >= 0.9 * period * 2**n for n, gap in enumerate(gaps)), f"gaps {gaps}, period {period}"
     assert all(e["status"] == 500 for e in loads(fake.requests(), "big"))
     assert "big" not in fake.adapters()
     # The server's reason is logged, once per distinct error rather than once per retry.
@@ -259,17 +251,19 @@ def test_api_key_is_sent(via, keyed_fake, adapter_paths, kubelet, start_sidecar,
     fake, key = keyed_fake
     paths = adapter_paths(["a", "b"])
     kubelet.write(lora_config(fake.port, paths))
+    # Either way with a trailing newline: a Secret mounted as a file, or put into the environment from
+    # one, often ends with one. (That the key is never shown is tests/test_hardening.py's business.)
     if via == "--api-key-file":
         key_file = tmp_path / "api-key"
-        key_file.write_text(key + "\n")  # a Secret mounted as a file often ends with a newline
+        key_file.write_text(key + "\n")
         sidecar = run(start_sidecar, kubelet.path, "--api-key-file", key_file)
     else:
-        sidecar = run(start_sidecar, kubelet.path, env={"VLLM_API_KEY": key})
+        sidecar = run(start_sidecar, kubelet.path, env={"VLLM_API_KEY": key + "\n"})
 
     converge(fake, paths)
     v1 = [e for e in fake.requests() if e["path"].startswith("/v1")]
     assert v1 and all(e["status"] == 200 for e in v1), "every /v1 call carried the right Bearer key"
-    assert not [line for line in sidecar.lines() if key in line]
+    sidecar.wait_ready()
 
 
 def test_api_key_required_without_one_the_log_names_vllm_api_key(keyed_fake, adapter_paths, kubelet, start_sidecar):
@@ -311,8 +305,7 @@ def test_once_exits_1_when_an_adapter_fails(fake, adapter_paths, kubelet):
 def test_once_exits_1_when_the_server_never_becomes_healthy(adapter_paths, kubelet):
     kubelet.write(lora_config(free_port(), adapter_paths(["a"])))
     result = run_sidecar(["--config", kubelet.path, "--once", "--health-check-timeout", "0.5"])
-    assert result.code == 1, result.stderr
-    assert result.seconds < 5
+    assert result.code == 1, result.stderr  # and within run_sidecar's deadline: it stopped waiting
 
 
 def test_once_exits_2_on_an_invalid_config_without_network(fake, adapter_paths, kubelet):
@@ -367,37 +360,41 @@ def test_validate_exits_2_naming_file_and_every_field(fake, kubelet):
 # --------------------------------------------------------------------- signals
 
 
+# How long a signalled sidecar is given to exit before the test kills it (and fails). How long it
+# really takes is the bench's "SIGTERM to exit" row.
+EXIT_DEADLINE = 10.0
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_exits_0_within_one_second_and_unloads_nothing(signum, fake, adapter_paths, kubelet, start_sidecar):
+def test_signal_exits_0_and_unloads_nothing(signum, fake, adapter_paths, kubelet, start_sidecar):
     paths = adapter_paths(["a", "b"])
     kubelet.write(lora_config(fake.port, paths))
     sidecar = run(start_sidecar, kubelet.path)
     converge(fake, paths)
 
-    code, seconds = sidecar.stop(signum)
+    code, _ = sidecar.stop(signum, timeout=EXIT_DEADLINE)
     assert code == 0, sidecar.log_text()
-    assert seconds < 1.0
     assert fake.adapters() == paths
     assert not unloads(fake.requests())
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_exits_0_within_one_second_while_the_server_hangs(signum, fake, adapter_paths, kubelet, start_sidecar):
+def test_signal_exits_0_without_waiting_out_a_hung_request(signum, fake, adapter_paths, kubelet, start_sidecar):
     paths = adapter_paths(["a", "b"])
     kubelet.write(lora_config(fake.port, paths))
-    sidecar = run(start_sidecar, kubelet.path, "--reconcile-trigger", "0.3", "--request-timeout", "30")
+    # A request timeout three times the exit deadline: a sidecar that waits for the hung request is killed.
+    sidecar = run(start_sidecar, kubelet.path, "--reconcile-trigger", "0.3", "--request-timeout", 3 * EXIT_DEADLINE)
     converge(fake, paths)
 
     fake.set_fault("hang")
     try:
         hung_at = time.monotonic()
-        wait_until(lambda: [e for e in fake.requests() if e["t"] >= hung_at and e["status"] is None], 3.0,
+        wait_until(lambda: [e for e in fake.requests() if e["t"] >= hung_at and e["status"] is None],
                    message="a request held by the hanging server")
-        code, seconds = sidecar.stop(signum)
+        code, _ = sidecar.stop(signum, timeout=EXIT_DEADLINE)
     finally:
         fake.clear_fault()
     assert code == 0, sidecar.log_text()
-    assert seconds < 1.0
     assert fake.adapters() == paths
     assert not unloads(fake.requests())
 
@@ -406,20 +403,17 @@ def test_signal_exits_0_within_one_second_while_the_server_hangs(signum, fake, a
 
 
 def test_in_sync_one_cycle_is_exactly_one_get(fake, adapter_paths, kubelet, start_sidecar):
-    period = 0.3
     paths = adapter_paths([f"a{i:02d}" for i in range(20)])
     kubelet.write(lora_config(fake.port, paths))
-    sidecar = run(start_sidecar, kubelet.path, "--reconcile-trigger", period)
+    sidecar = run(start_sidecar, kubelet.path, "--reconcile-trigger", "0.3")
     converge(fake, paths)
     wait_cycles(fake, 1)
 
     since, log_lines = time.monotonic(), len(sidecar.lines())
-    time.sleep(1.2)  # four periods in sync: only GETs may happen
-    elapsed = time.monotonic() - since
+    wait_cycles(fake, 4)  # four cycles in sync: one GET each, nothing else (one per period: the bench's idle rows)
     calls = vllm_calls(fake.requests(), since)
-    assert set(calls) == {MODELS}, calls
-    assert elapsed / period - 2 <= len(calls) <= elapsed / period + 1, f"{len(calls)} cycles in {elapsed:.2f} s"
-    assert sidecar.lines()[log_lines:] == [], "in sync the sidecar logs nothing per tick"
+    assert calls == [MODELS] * len(calls), calls
+    assert sidecar.lines()[log_lines:] == [], "in sync the sidecar logs nothing per cycle"
 
 
 def test_ensure_not_exist_is_unloaded_and_unnamed_adapters_are_never_touched(
@@ -444,54 +438,7 @@ def test_ensure_not_exist_is_unloaded_and_unnamed_adapters_are_never_touched(
     assert fake.adapters() == {"y": paths["y"], "z": paths["z"], "a": paths["a"]}
 
 
-def test_changed_source_is_reloaded_in_place_on_vllm_0_33(adapter_paths, kubelet, start_sidecar):
-    paths = adapter_paths(["v1", "v2"])
-    with FakeVLLM(port=0, version="0.33.0") as fake:
-        kubelet.write(lora_config(fake.port, {"a": paths["v1"]}))
-        sidecar = run(start_sidecar, kubelet.path)
-        converge(fake, {"a": paths["v1"]})
-
-        swapped = time.monotonic()
-        kubelet.write(lora_config(fake.port, {"a": paths["v2"]}))
-        converge(fake, {"a": paths["v2"]}, timeout=2.0)
-        calls = [(e["path"], e["body"], e["status"]) for e in posts(fake.requests(), swapped)]
-        assert calls == [
-            ("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": paths["v2"], "load_inplace": True}, 200)
-        ]
-        wait_until(lambda: sidecar.status()["adapters"]["a"]["last_action"] == "reload", 2.0)
-        assert sidecar.metrics().value("lora_sidecar_operations_total", op="reload", result="success") == 1
-
-
-def test_reload_on_an_older_vllm_stages_the_new_version_then_unloads_and_loads(adapter_paths, kubelet, start_sidecar):
-    paths = adapter_paths(["v1", "v2"])
-    with FakeVLLM(port=0, inplace_supported=False) as fake:
-        kubelet.write(lora_config(fake.port, {"a": paths["v1"]}))
-        run(start_sidecar, kubelet.path)
-        converge(fake, {"a": paths["v1"]})
-
-        swapped = time.monotonic()
-        kubelet.write(lora_config(fake.port, {"a": paths["v2"]}))
-        converge(fake, {"a": paths["v2"]}, timeout=2.0)
-        wait_cycles(fake, 1)
-        calls = [(e["path"], e["body"], e["status"]) for e in posts(fake.requests(), swapped)]
-    assert calls == [
-        ("/v1/load_lora_adapter", {"lora_name": "a~staging", "lora_path": paths["v2"]}, 200),
-        ("/v1/unload_lora_adapter", {"lora_name": "a~staging"}, 200),
-        ("/v1/unload_lora_adapter", {"lora_name": "a"}, 200),
-        ("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": paths["v2"]}, 200),
-    ]
-
-
-def test_a_configmap_manifest_works_as_config(fake, adapter_paths, tmp_path, start_sidecar):
-    paths = adapter_paths(["a", "b"])
-    manifest = tmp_path / "configmap.yaml"
-    manifest.write_text(configmap_manifest(lora_config(fake.port, paths)))
-    assert run_sidecar(["--config", manifest, "--validate"]).code == 0
-    run(start_sidecar, manifest)
-    converge(fake, paths)
-
-
-# ===================================================================== issue 3: operations
+# ===================================================================== operations: metrics, status, probes, logs
 
 
 def test_metrics_and_status_after_convergence(fake, adapter_paths, kubelet, start_sidecar):
@@ -538,7 +485,7 @@ def test_metrics_and_status_with_one_failing_adapter(fake, adapter_paths, kubele
     converge(fake, {"a": paths["a"]})
     sidecar.wait_ready()  # a permanent failure does not hold readiness back
 
-    wait_until(lambda: sidecar.metrics().state_of("big") == "failed", 3.0)
+    wait_until(lambda: sidecar.metrics().state_of("big") == "failed")
     m = sidecar.metrics()
     assert m.state_of("a") == "loaded"
     assert m.value("lora_sidecar_adapter_loaded", adapter="big") == 0
@@ -567,7 +514,7 @@ def test_metrics_and_status_with_an_invalid_config(fake, adapter_paths, kubelet,
     good_sha = sidecar.status()["config"]["sha256"]
 
     kubelet.write(lora_config(fake.port, [{"id": "x", "source": paths["x"], "base_model": "base"}]))
-    sidecar.wait_metric("lora_sidecar_config_valid", 0, timeout=3.0)
+    sidecar.wait_metric("lora_sidecar_config_valid", 0)
     status = sidecar.status()
     assert "vLLMLoRAConfig.ensureExist.models[0].base_model" in status["config"]["error"]
     assert status["config"]["sha256"] == good_sha, "the last good config stays in force"
@@ -578,27 +525,12 @@ def test_metrics_and_status_with_an_invalid_config(fake, adapter_paths, kubelet,
     assert fake.adapters() == good
 
     kubelet.write(lora_config(fake.port, good, name="fixed"))
-    sidecar.wait_metric("lora_sidecar_config_valid", 1, timeout=3.0)
+    sidecar.wait_metric("lora_sidecar_config_valid", 1)
     assert sidecar.status()["config"]["error"] is None
     assert sidecar.status()["config"]["name"] == "fixed"
 
 
-def test_config_error_clears_when_the_same_good_file_comes_back(fake, adapter_paths, kubelet, start_sidecar):
-    """The key disappears for a while, then the identical ConfigMap is published again."""
-    paths = adapter_paths(["a"])
-    text = lora_config(fake.port, paths)
-    kubelet.write(text)
-    sidecar = run(start_sidecar, kubelet.path)
-    converge(fake, paths)
-
-    kubelet.remove_key()
-    sidecar.wait_metric("lora_sidecar_config_valid", 0, timeout=3.0)
-    assert "does not exist" in sidecar.status()["config"]["error"]
-    kubelet.write(text)
-    sidecar.wait_metric("lora_sidecar_config_valid", 1, timeout=3.0)
-    assert sidecar.status()["config"]["error"] is None
-
-
+@pytest.mark.slow  # a 2 s window
 def test_metrics_and_probes_while_the_server_is_down_and_back(fake, adapter_paths, kubelet, start_sidecar):
     paths = adapter_paths(["a", "b"])
     kubelet.write(lora_config(fake.port, paths))
@@ -608,18 +540,18 @@ def test_metrics_and_probes_while_the_server_is_down_and_back(fake, adapter_path
 
     down_at = time.monotonic()
     fake.stop(keep_adapters=False)  # the pod's vLLM container died
-    sidecar.wait_metric("lora_sidecar_server_up", 0, timeout=3.0)
+    sidecar.wait_metric("lora_sidecar_server_up", 0)
     assert sidecar.status()["server"]["up"] is False
-    # Longer than /healthz's window (3 periods + the request timeout): the loop keeps ticking.
+    # A window longer than /healthz's (3 periods + the request timeout): the loop keeps ticking meanwhile.
     while time.monotonic() - down_at < 2.0:
         assert sidecar.healthz() == 200
         assert sidecar.readyz() == 200
         time.sleep(0.2)
 
     fake.start()
-    converge(fake, paths, timeout=3.0)
-    sidecar.wait_metric("lora_sidecar_server_up", 1, timeout=3.0)
-    sidecar.wait_metric("lora_sidecar_in_sync", 1, timeout=3.0)
+    converge(fake, paths)
+    sidecar.wait_metric("lora_sidecar_server_up", 1)
+    sidecar.wait_metric("lora_sidecar_in_sync", 1)
     m = sidecar.metrics()
     assert all(m.value("lora_sidecar_adapter_loaded", adapter=n) == 1 for n in paths)
     assert sidecar.status()["server"]["up"] is True
@@ -637,7 +569,7 @@ def test_series_of_an_adapter_that_leaves_the_config_disappear(fake, adapter_pat
     sidecar.wait_metric("lora_sidecar_adapter_loaded", 1, adapter="b")
 
     kubelet.write(lora_config(fake.port, {"a": paths["a"]}))
-    wait_until(lambda: "b" not in sidecar.metrics().label_values("lora_sidecar_adapter_loaded", "adapter"), 3.0)
+    wait_until(lambda: "b" not in sidecar.metrics().label_values("lora_sidecar_adapter_loaded", "adapter"))
     m = sidecar.metrics()
     assert m.label_values("lora_sidecar_adapter_state", "adapter") == {"a"}
     assert m.label_values("lora_syncer_adapter_status", "adapter_name") == {"a"}
@@ -651,7 +583,7 @@ def test_readyz_is_503_until_the_server_is_healthy(adapter_paths, kubelet, start
     kubelet.write(lora_config(port, paths))
     sidecar = run(start_sidecar, kubelet.path)
     sidecar.wait_serving()
-    wait_until(lambda: sidecar.metrics().value("lora_sidecar_server_up") == 0, 3.0)
+    wait_until(lambda: sidecar.metrics().value("lora_sidecar_server_up") == 0)
     assert sidecar.readyz() == 503
     assert sidecar.healthz() == 200
     status = sidecar.status()
@@ -659,52 +591,9 @@ def test_readyz_is_503_until_the_server_is_healthy(adapter_paths, kubelet, start
     assert status["adapters"]["a"]["state"] == "pending"
 
     with FakeVLLM(port=port) as fake:
-        sidecar.wait_ready(timeout=3.0)
+        sidecar.wait_ready()
         assert fake.adapters() == paths
         assert sidecar.metrics().value("lora_sidecar_server_up") == 1
-
-
-def test_other_paths_are_404_and_other_methods_405(fake, adapter_paths, kubelet, start_sidecar):
-    kubelet.write(lora_config(fake.port, adapter_paths(["a"])))
-    sidecar = run(start_sidecar, kubelet.path)
-    sidecar.wait_serving()
-    assert sidecar.get("/metrics?x=1").status_code == 200
-    assert sidecar.get("/").status_code == 404
-    assert sidecar.get("/nope").status_code == 404
-    assert sidecar.get("/nope", method="POST").status_code == 404
-    for path in ("/metrics", "/healthz", "/readyz", "/status"):
-        for method in ("POST", "PUT", "DELETE"):
-            assert sidecar.get(path, method=method).status_code == 405, (method, path)
-
-
-def test_the_api_key_appears_in_no_log_status_metrics_or_plan(keyed_fake, adapter_paths, kubelet, start_sidecar):
-    fake, key = keyed_fake
-    paths = {**adapter_paths(["a"]), **adapter_paths(["big"], rank=16)}
-    kubelet.write(lora_config(fake.port, paths))
-    env = {"VLLM_API_KEY": key}
-    seen: list[str] = []
-
-    # Text logs at debug level: the most a user could ever print.
-    sidecar = start_sidecar(["--config", kubelet.path, "--log-level", "debug", "--reconcile-trigger", "0.3"], env)
-    converge(fake, {"a": paths["a"]})
-    wait_until(lambda: sidecar.status()["adapters"]["big"]["state"] == "failed", 3.0)
-    seen += [sidecar.get("/status").text, sidecar.get("/metrics").text]
-
-    fake.config.api_key = "sk-rotated-" + secrets.token_hex(8)  # the server now refuses our key
-    sidecar.wait_for_log("refused")
-    seen += [sidecar.get("/status").text, sidecar.get("/metrics").text]
-    sidecar.stop()
-    seen += sidecar.lines()
-
-    fake.config.api_key = key
-    for mode in ("--dry-run", "--once"):
-        result = run_sidecar(["--config", kubelet.path, mode, "--health-check-timeout", "5", "--log-level", "debug"],
-                             env)
-        assert result.code == 1, result.stderr  # big is still missing
-        seen += [result.stdout, result.stderr]
-
-    assert any("big" in text for text in seen)
-    assert [text for text in seen if key in text] == []
 
 
 def test_json_log_lines(fake, adapter_paths, kubelet, start_sidecar):
@@ -763,13 +652,12 @@ def test_fixing_a_failing_adapter_in_the_config_skips_its_backoff(fake, adapter_
     big = adapter_paths(["big"], rank=16)["big"]
     fixed = adapter_paths(["big"])["big"]
     kubelet.write(lora_config(fake.port, {"big": big}))
-    sidecar = run(start_sidecar, kubelet.path, "--reconcile-trigger", "5")  # first retry only after 5 s
+    # A 30 s period: the failed entry's first retry is due 30 s later, three times the wait below.
+    sidecar = run(start_sidecar, kubelet.path, "--reconcile-trigger", "30")
     sidecar.wait_for_log("rank 16 is greater than max_lora_rank 8")
 
-    swapped = time.monotonic()
     kubelet.write(lora_config(fake.port, {"big": fixed}))
-    converge(fake, {"big": fixed}, timeout=2.0)
-    assert loads(fake.requests(), "big", swapped)[0]["t"] - swapped < 1.0, "a changed entry resets its backoff"
+    converge(fake, {"big": fixed})  # a changed entry is no retry: its backoff starts over
 
 
 def test_adapters_for_another_base_model_are_skipped(fake, adapter_paths, kubelet, start_sidecar):
@@ -789,7 +677,7 @@ def test_adapters_for_another_base_model_are_skipped(fake, adapter_paths, kubele
     assert sidecar.metrics().value("lora_sidecar_in_sync") == 1, "a skipped adapter is not out of sync"
     other = sidecar.status()["adapters"]["other"]
     assert other["state"] == "skipped"
-    assert "Qwen/Qwen3-32B" in other["last_error"] and "base" in other["last_error"]
+    assert "Qwen/Qwen3-32B" in other["skip_reason"] and "base" in other["skip_reason"]
 
 
 def test_runtime_lora_off_is_reported_naming_the_variable(adapter_paths, kubelet, start_sidecar):

@@ -11,11 +11,13 @@
     and planning again after applying the plan gives an empty plan.
 
 Examples per property: 10_000, set here, not left to hypothesis' default. That is the CI figure
-(CI=true) and the default everywhere; HYPOTHESIS_PROFILE=dev runs 200 per property for a quick look.
-The bomb and nesting properties give every example a deadline well under a second (BOMB_SECONDS),
-timed with the garbage collector paused: a full collection of the test runner's own heap (hypothesis
-keeps ~50 kB per example) can take a second and is no cost of the sidecar's. Inputs that can crash
-the parser itself (libyaml recurses in C) are only ever parsed in a child process.
+(CI=true) and the default everywhere; HYPOTHESIS_PROFILE=dev runs 200 per property (`make check`).
+The bomb and nesting properties give every example a budget of CPU time well under a second
+(BOMB_SECONDS): CPU seconds of the parsing thread, which a busy machine does not inflate the way it
+does wall-clock time, counted with the garbage collector paused (a full collection of the test
+runner's own heap, hypothesis keeps ~50 kB per example, can take a second and is no cost of the
+sidecar's). Inputs that can crash the parser itself (libyaml recurses in C) are only ever parsed in
+a child process.
 
 Each bug these properties found is pinned by an explicit @example or parameter, so it stays tested.
 """
@@ -36,7 +38,6 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +82,12 @@ PROFILE = settings.get_profile(PROFILE_NAME)  # applied per test below; the glob
 if os.environ.get("HYPOTHESIS_MAX_EXAMPLES"):  # for measuring the cost of one property at any count
     PROFILE = settings(PROFILE, max_examples=int(os.environ["HYPOTHESIS_MAX_EXAMPLES"]))
 
-# A bomb or a deep document must be refused well under a second; this is each example's deadline there.
+# A bomb or a deep document must be refused with well under a second of CPU (an expanded one costs
+# minutes); this is each example's budget there.
 BOMB_SECONDS = 0.5
 # Files up to the size cap (1 MiB) may take longer: pure-Python PyYAML reads ~1 MB/s. The bound keeps the
-# sidecar alive: at the manifest's 200m CPU limit, 4 s here is 20 s there, inside the 25 s /healthz window.
+# sidecar alive: at the manifest's 200m CPU limit, 4 CPU seconds here are 20 s there, inside the 25 s
+# /healthz window.
 BIG_FILE_SECONDS = 4.0
 # Peak Python allocation while refusing one small bomb (tracemalloc); the container limit is 128 MiB.
 PEAK_BYTES = 32 * 1024 * 1024
@@ -448,11 +451,13 @@ def inside(text: str, where: str) -> str:
 
 
 def timed_parse(raw: bytes) -> float:
-    gc.disable()  # see the module docstring
+    """CPU seconds this thread spends on check_parse(raw), the garbage collector paused (see the module
+    docstring)."""
+    gc.disable()
     try:
-        started = time.perf_counter()
+        started = time.thread_time()
         check_parse(raw)
-        return time.perf_counter() - started
+        return time.thread_time() - started
     finally:
         gc.enable()
 
@@ -464,7 +469,7 @@ DEPTHS = (1, 2, 63, 64, 65, 66, 100, 300, 330, 340, 500, 1000, 1400)
 KINDS = ("flow_seq", "unclosed", "flow_map", "block_map", "block_seq", "self")
 
 
-@examples(deadline=timedelta(seconds=BOMB_SECONDS))
+@examples()
 @given(shape=st.one_of(
     st.tuples(st.just("laughs"), st.integers(1, 10), st.integers(2, 10), st.booleans()),
     st.tuples(st.just("nested"), st.sampled_from(DEPTHS), st.sampled_from(KINDS), st.just(False)),
@@ -475,7 +480,7 @@ def test_alias_bombs_and_deep_nesting_are_refused_fast(shape, where):
     assert timed_parse(inside(text, where).encode()) < BOMB_SECONDS
 
 
-@examples(deadline=timedelta(seconds=BOMB_SECONDS))
+@examples()
 @example(levels=20, fanout=2, where="top")
 @given(levels=st.integers(1, 20), fanout=st.integers(2, 4), where=WHERE)
 def test_merge_key_bombs_are_refused_fast(levels, fanout, where):
@@ -512,8 +517,9 @@ def test_small_bombs_stay_within_time_and_memory(name):
 
 
 # Files near the 1 MiB cap, and nesting deep enough to crash a recursive parser, run in a child process
-# with a hard time limit: a crash or a slow parse costs seconds here, not the test run. The child
-# reports the seconds and its peak RSS growth while parsing (VmHWM after resetting it, minus VmRSS).
+# (from the repository root, so it imports sidecar.py) with a deadline: a crash or a runaway parse costs
+# seconds here, not the test run. The child reports the CPU seconds and its peak RSS growth while parsing
+# (VmHWM after resetting it, minus VmRSS).
 MIB = sidecar.MAX_CONFIG_BYTES
 BIG_RSS_BYTES = 48 * 1024 * 1024  # the container limit is 128 MiB; the idle sidecar uses ~40 MiB of it
 BIG_FILES = {
@@ -529,7 +535,6 @@ BIG_FILES = {
 }
 CHILD = """
 import sys, time
-sys.path.insert(0, sys.argv[1])
 import sidecar
 def status(key):
     for line in open("/proc/self/status"):
@@ -539,12 +544,12 @@ raw = sys.stdin.buffer.read()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets VmHWM, the peak RSS
 before = status("VmRSS:")
-started = time.perf_counter()
+started = time.process_time()
 try:
     sidecar.parse_config(raw, "big.yaml")
 except sidecar.ConfigError:
     pass
-seconds = time.perf_counter() - started
+seconds = time.process_time() - started
 print(f"seconds {seconds}\\nrss_growth {status('VmHWM:') - before}", flush=True)
 """
 
@@ -556,9 +561,9 @@ print(f"seconds {seconds}\\nrss_growth {status('VmHWM:') - before}", flush=True)
 def test_files_up_to_the_size_cap_are_read_safely(name):
     raw = BIG_FILES[name]()
     assert len(raw) <= MIB
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(REPO)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    limit = BIG_FILE_SECONDS + 3  # start-up and reading included
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=REPO)
+    limit = 3 * BIG_FILE_SECONDS + 10  # wall clock, start-up and reading included: only a runaway parse hits it
     try:
         out, err = child.communicate(raw, timeout=limit)
     except subprocess.TimeoutExpired:
@@ -574,23 +579,10 @@ def test_files_up_to_the_size_cap_are_read_safely(name):
 def test_a_long_list_of_models_is_checked_in_bounded_time():
     models = [{"id": f"a{i}", "source": f"/adapters/{i}"} for i in range(5_000)]
     raw = json.dumps({"vLLMLoRAConfig": {"ensureExist": {"models": models}}}).encode()
-    started = time.perf_counter()
+    started = time.thread_time()
     desired = check_parse(raw)
     assert desired is not None and len(desired.ensure_exist) == 5_000
-    assert time.perf_counter() - started < BIG_FILE_SECONDS
-
-
-def test_python_tags_are_refused_and_never_run(tmp_path):
-    marker = tmp_path / "ran"
-    for text in (
-        f"!!python/object/apply:os.system ['touch {marker}']",
-        f"vLLMLoRAConfig: {{name: !!python/object/apply:os.system ['touch {marker}']}}",
-        "vLLMLoRAConfig: !!python/object:collections.OrderedDict {}",
-        "vLLMLoRAConfig: {name: !!python/name:os.system ''}",
-    ):
-        with pytest.raises(ConfigError, match="could not determine a constructor"):
-            parse_config(text.encode(), LABEL)
-    assert not marker.exists()
+    assert time.thread_time() - started < BIG_FILE_SECONDS
 
 
 # ------------------------------------------------------------------ (b) server answers
@@ -777,13 +769,13 @@ class MockServer:
 @contextmanager
 def quiet_sidecar(now: list[float]) -> Iterator[None]:
     """The sidecar's clock under test control, its log silenced (thousands of examples log a lot)."""
-    saved_clock, saved_disabled = sidecar.clock, sidecar.log.disabled
+    saved_clock, saved_disabled = sidecar.clock, sidecar.logger.disabled
     sidecar.clock = lambda: now[0]
-    sidecar.log.disabled = True
+    sidecar.logger.disabled = True
     try:
         yield
     finally:
-        sidecar.clock, sidecar.log.disabled = saved_clock, saved_disabled
+        sidecar.clock, sidecar.logger.disabled = saved_clock, saved_disabled
 
 
 def listed_adapters(answer: Answer) -> dict[str, str | None] | None:
@@ -899,83 +891,6 @@ def test_a_deeply_nested_json_answer_is_an_ordinary_failure(route):
     assert all(not (r.error or "").startswith("internal error") for r in results), [r.error for r in results]
     if route == "load":
         assert any(c.route == "load" and c.body["lora_name"] == "b" for c in server.calls), "b was never tried"
-
-
-# ------------------------------------------------------------------ the model list's fast path
-# The client skips decoding a model list that differs from the last one only in vLLM's volatile
-# fields (`created`, permission ids). Whatever the answers, what it reports must be what a fresh
-# decoding of each answer says: a change hidden by the fast path would leave an adapter unloaded.
-
-CARD_NAMES = (*POOL, "modelperm-0a", "modelperm-0b", "model_permission", 'q"uote', "created")
-CARD_PATHS = (*SOURCES, None, "/models/base", '/p/"created":1')
-
-
-def vllm_body(cards: list[tuple[str, str | None, str | None]], stamp: int, compact: bool = True) -> bytes:
-    """A list as vLLM writes it: each card with `created` and a permission whose id is new per answer."""
-    data = [{"id": name, "object": "model", "created": stamp, "owned_by": "vllm", "root": root, "parent": parent,
-             "max_model_len": None, "permission": [{"id": f"modelperm-{stamp:032x}", "object": "model_permission",
-                                                   "created": stamp, "group": None}]}
-            for name, root, parent in cards]
-    return json.dumps({"object": "list", "data": data}, separators=(",", ":") if compact else None).encode()
-
-
-CARDS = st.lists(st.tuples(st.sampled_from(CARD_NAMES), st.sampled_from(CARD_PATHS),
-                           st.sampled_from(("base", None))), max_size=5)
-
-
-STAMPS = st.sampled_from((0, 7, 1_795_840_356, 1_795_840_357))  # one-digit `created` values can be cut away
-VOLATILE_EDGES = re.compile(rb'"created":|modelperm-')
-FRAGMENTS = (b"0", b"5", b"a", b"]}", b'"created":1', b'"created":0', b'"permission":[{"id":"modelperm-1"', b"")
-
-
-@st.composite
-def model_list_sequences(draw: st.DrawFn) -> list[bytes]:
-    """A few answers in a row: the same list re-stamped, one root or id changed, another list,
-    a copy with a fragment slipped in at any byte, any answer at all."""
-    cards = draw(CARDS)
-    bodies = []
-    for _ in range(draw(st.integers(2, 5))):
-        stamp, kind = draw(STAMPS), draw(st.integers(0, 9))
-        if cards and kind in (3, 4):
-            i = draw(st.integers(0, len(cards) - 1))
-            name, root, parent = cards[i]
-            cards = [*cards[:i], (draw(st.sampled_from(CARD_NAMES)), root, parent) if kind == 4
-                     else (name, draw(st.sampled_from(CARD_PATHS)), parent), *cards[i + 1:]]
-        elif kind in (5, 6):
-            cards = draw(CARDS)
-        body = vllm_body(cards, stamp, compact=kind != 5)
-        if kind in (7, 8):
-            # Anywhere, or at the edge of a volatile field, where a slip would be hardest to see.
-            edges = [m.end() + d for m in VOLATILE_EDGES.finditer(body) for d in (-1, 0, 1)]
-            cut = draw(st.sampled_from(edges) if edges and draw(BOOLS) else st.integers(0, len(body)))
-            body = body[:cut] + draw(st.sampled_from(FRAGMENTS)) + body[cut + (kind == 8):]
-        bodies.append(draw(model_list_answers()).body if kind == 9 else body)
-    return bodies
-
-
-def fresh_view(body: bytes) -> tuple[Any, ...] | None:
-    try:
-        state = parse_model_list(json.loads(body))
-    except (ValueError, RecursionError):
-        return None
-    return state.base_models, state.base_model_roots, dict(state.adapters)
-
-
-@examples()
-@given(bodies=model_list_sequences())
-def test_the_client_reports_each_model_list_as_a_fresh_decoding_would(bodies):
-    client = VLLMClient(requests.Session(), 1.0)
-    client.base_url = URL
-    with responses.RequestsMock() as mock:
-        for body in bodies:
-            mock.get(MODELS, body=body, content_type="application/json")
-        for body in bodies:
-            try:
-                state = client.server_state()
-                seen = state.base_models, state.base_model_roots, dict(state.adapters)
-            except sidecar.ServerError:
-                seen = None
-            assert seen == fresh_view(body), body
 
 
 # ------------------------------------------------------------------ (c) plan

@@ -6,14 +6,16 @@ behaviour: loads of seconds held under one engine lock, a server without load_in
 where load_inplace sticks (0.32), loads and unloads answered 200 that change nothing, a server
 that normalises `root`. Each test is named for the numbered point of the issue it covers.
 
-Every wait has a deadline; the only plain sleeps are where a test must show that something does
-NOT happen over a window (a retry not sent, a log line not repeated).
+Every wait is on a condition, with a generous deadline that measures nothing (the slow-load rollout
+and the version swap are timed by `make bench`); the only plain sleeps are where a test must show
+that something does NOT happen over a window (a retry not sent, a log line not repeated).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +24,19 @@ import requests
 from fake_vllm import FakeVLLM, make_adapter
 from sidecar_process import (
     Sidecar,
+    converge,
     free_port,
     loads,
     lora_config,
+    models_calls,
     posts,
     unloads,
-    vllm_calls,
+    wait_cycles,
     wait_until,
 )
 
 StartSidecar = Callable[..., Sidecar]
-MakeFake = Callable[..., FakeVLLM]
 
-MODELS = ("GET", "/v1/models")
 LOAD_PATH = "/v1/load_lora_adapter"
 UNLOAD_PATH = "/v1/unload_lora_adapter"
 DOWN = "vLLM server is down"
@@ -43,47 +45,16 @@ DOWN = "vLLM server is down"
 # --------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture
-def make_fake() -> Iterator[MakeFake]:
-    """make(**FakeVLLM kwargs) -> a started fake on a free port; all are stopped at teardown.
-    Ask for it before start_sidecar, so the sidecars go first."""
-    servers: list[FakeVLLM] = []
-
-    def make(**kwargs: Any) -> FakeVLLM:
-        server = FakeVLLM(port=0, **kwargs).start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
-
-
 def run(start_sidecar: StartSidecar, config: Path, *flags: object, env: dict[str, str] | None = None) -> Sidecar:
     """A sidecar with JSON logs (so tests can count lines exactly) on `config`."""
     return start_sidecar(["--config", config, "--log-format", "json", *flags], env)
-
-
-def converge(fake: FakeVLLM, expected: dict[str, str], timeout: float = 10.0) -> None:
-    wait_until(lambda: fake.adapters() == expected, timeout,
-               message=lambda: f"server adapters {fake.adapters()} == {expected}")
-
-
-def models_calls(fake: FakeVLLM, since: float = 0.0) -> int:
-    return vllm_calls(fake.requests(), since).count(MODELS)
-
-
-def wait_cycles(fake: FakeVLLM, count: int, timeout: float = 5.0) -> None:
-    """Until `count` more reconcile cycles (GET /v1/models) have arrived."""
-    start = models_calls(fake)
-    wait_until(lambda: models_calls(fake) >= start + count, timeout, message=f"{count} more GET /v1/models")
 
 
 def adapter(sidecar: Sidecar, name: str) -> dict[str, Any]:
     return sidecar.status()["adapters"][name]
 
 
-def wait_failed(sidecar: Sidecar, name: str, *fragments: str, timeout: float = 5.0) -> dict[str, Any]:
+def wait_failed(sidecar: Sidecar, name: str, *fragments: str) -> dict[str, Any]:
     """Until /status shows `name` failed with a last_error holding every fragment; return the record."""
 
     def failed() -> dict[str, Any] | None:
@@ -91,7 +62,7 @@ def wait_failed(sidecar: Sidecar, name: str, *fragments: str, timeout: float = 5
         error = record["last_error"] or ""
         return record if record["state"] == "failed" and all(f in error for f in fragments) else None
 
-    return sidecar.wait_for(failed, timeout, f"{name} failed with {fragments} in last_error")
+    return sidecar.wait_for(failed, what=f"{name} failed with {fragments} in last_error")
 
 
 def completion_text(fake: FakeVLLM, model: str, api_key: str | None = None) -> str:
@@ -101,6 +72,13 @@ def completion_text(fake: FakeVLLM, model: str, api_key: str | None = None) -> s
                              headers=headers, timeout=5)
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["text"]
+
+
+def backing_off(times: list[float], period: float) -> bool:
+    """Whether the sends at `times` back off: the third gap between them is at least two periods (a
+    sidecar that re-sends every cycle has gaps of one period; a busy machine only makes gaps longer)."""
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    return len(gaps) >= 3 and gaps[2] >= 1.8 * period
 
 
 def readiness_until(sidecar: Sidecar, until: float, every: float = 0.05) -> list[int]:
@@ -180,8 +158,10 @@ def test_1_version_update_leaves_no_sticky_load_inplace_and_drops_nothing_before
 
     assert fake.inplace_sticky() == [], "vLLM 0.32 would reload this adapter from disk on every step"
     assert completion_text(fake, "a").endswith(new)
-    record = sidecar.wait_for(lambda: (r := adapter(sidecar, "a"))["observed_source"] == new and r, 3.0)
+    record = sidecar.wait_for(lambda: (r := adapter(sidecar, "a"))["observed_source"] == new and r)
     assert (record["state"], record["source"], record["last_error"]) == ("loaded", new, None)
+    assert record["last_action"] == "reload"
+    assert sidecar.metrics().value("lora_sidecar_operations_total", op="reload", result="success") == 1
     assert sidecar.status()["server"].get("version") == version
 
 
@@ -217,6 +197,7 @@ def test_2_a_new_version_that_cannot_load_leaves_the_old_one_serving(
 # ============================================================ 3. serial loads vs. the request timeout
 
 
+@pytest.mark.slow  # 6 loads of 1.5 s, one at a time
 def test_3_slow_serial_loads_are_not_charged_the_request_timeout_or_time_queued(
     make_fake, adapter_paths, kubelet, start_sidecar
 ):
@@ -245,6 +226,7 @@ def test_3_slow_serial_loads_are_not_charged_the_request_timeout_or_time_queued(
 # ============================================================ 4. liveness during a long rollout
 
 
+@pytest.mark.slow  # 12 loads of 0.6-1 s, one at a time
 @pytest.mark.parametrize(("request_timeout", "load_delay"), [(1, 0.6), (5, 1.0)],
                          ids=["request-timeout-1", "request-timeout-5"])
 def test_4_healthz_stays_200_through_a_long_steady_rollout(
@@ -267,7 +249,7 @@ def test_4_healthz_stays_200_through_a_long_steady_rollout(
             codes.append(f"no answer: {e!r}")
         return fake.adapters() == paths
 
-    wait_until(probe_then_converged, 12 * load_delay + 20, interval=0.1,
+    wait_until(probe_then_converged, 12 * load_delay + 30, interval=0.1,
                message=lambda: f"all 12 loaded; server has {sorted(fake.adapters())}\n{sidecar.diagnose()}")
     assert len(codes) >= 20, "polled throughout the rollout"
     assert [c for c in codes if c != 200] == [], f"/healthz answered {sorted(set(map(str, codes)))}"
@@ -287,6 +269,7 @@ TRANSIENT = {
 }
 
 
+@pytest.mark.slow  # a 1.5 s window, then a backoff
 @pytest.mark.parametrize("kind", list(TRANSIENT))
 def test_5_readyz_stays_503_while_loads_fail_transiently_then_turns_200(
     kind, make_fake, kubelet, start_sidecar, tmp_path
@@ -308,7 +291,7 @@ def test_5_readyz_stays_503_while_loads_fail_transiently_then_turns_200(
         record = adapter(sidecar, "a")
         return record["state"] == "failed" and fragment in (record["last_error"] or "")
 
-    sidecar.wait_for(sample_then_failed, 8.0, f"a failed with {fragment!r}", interval=0.05)
+    sidecar.wait_for(sample_then_failed, what=f"a failed with {fragment!r}", interval=0.05)
     # Five more periods: retries, backoff; a readiness latch would show.
     readiness += readiness_until(sidecar, time.monotonic() + 1.5)
     assert set(readiness) == {503}, f"/readyz answered {sorted(set(readiness))} with nothing loaded"
@@ -317,14 +300,15 @@ def test_5_readyz_stays_503_while_loads_fail_transiently_then_turns_200(
 
     make_adapter(source)
     fake.clear_fault()
-    sidecar.wait_ready(timeout=15.0)
+    sidecar.wait_ready(timeout=30.0)  # the retry is due after the backoff of the failures so far
     assert fake.adapters() == {"a": str(source)}
-    wait_until(lambda: adapter(sidecar, "a")["state"] == "loaded", 3.0)
+    wait_until(lambda: adapter(sidecar, "a")["state"] == "loaded")
 
 
 # ============================================================ 6. a 200 is not taken on faith
 
 
+@pytest.mark.slow  # three growing backoffs
 def test_6_load_answered_200_but_not_listed_fails_and_backs_off(make_fake, adapter_paths, kubelet, start_sidecar):
     period = 0.3
     fake = make_fake()
@@ -332,21 +316,25 @@ def test_6_load_answered_200_but_not_listed_fails_and_backs_off(make_fake, adapt
     kubelet.write(lora_config(fake.port, adapter_paths(["a"])))
     sidecar = run(start_sidecar, kubelet.path, "--reconcile-trigger", period)
 
-    wait_failed(sidecar, "a", "200", "not list")
-    first = loads(fake.requests(), "a")[0]["t"]
-    readiness = readiness_until(sidecar, first + 11 * period)  # eleven periods: about four sends
+    readiness: list[int] = []
+
+    def sample_then_sent_four_times() -> bool:
+        readiness.append(sidecar.readyz())
+        return len(loads(fake.requests(), "a")) >= 4
+
+    sidecar.wait_for(sample_then_sent_four_times, what="four loads of a", interval=0.05)
     attempts = loads(fake.requests(), "a")
-    periods = (time.monotonic() - first) / period
-    assert 2 <= len(attempts) < periods / 2, f"{len(attempts)} loads in {periods:.1f} periods: not backing off"
+    assert backing_off([e["t"] for e in attempts], period), f"loads at {[e['t'] for e in attempts]}: not backing off"
     assert all(e["status"] == 200 for e in attempts)
     assert set(readiness) == {503}, f"/readyz answered {sorted(set(readiness))} with nothing loaded"
     # Between a 200 and the next /v1/models the record may say "loaded"; the check then says otherwise.
     record = wait_failed(sidecar, "a", "200", "not list")
     assert record["failures"] >= 2
-    sidecar.wait_for(lambda: sidecar.status()["in_sync"] is False, 3.0, "not in sync")
+    sidecar.wait_for(lambda: sidecar.status()["in_sync"] is False, what="not in sync")
     assert fake.adapters() == {}
 
 
+@pytest.mark.slow  # three growing backoffs
 def test_6_unload_answered_200_but_still_listed_fails_and_backs_off(make_fake, adapter_paths, kubelet, start_sidecar):
     period = 0.3
     fake = make_fake()
@@ -356,16 +344,13 @@ def test_6_unload_answered_200_but_still_listed_fails_and_backs_off(make_fake, a
     kubelet.write(lora_config(fake.port, {"a": paths["a"]}, {"x": paths["x"]}))
     sidecar = run(start_sidecar, kubelet.path, "--reconcile-trigger", period)
 
-    wait_failed(sidecar, "x", "200", "still lists")
-    first = unloads(fake.requests(), "x")[0]["t"]
-    time.sleep(max(0.0, first + 11 * period - time.monotonic()))  # eleven periods: about four sends
+    sidecar.wait_for(lambda: len(unloads(fake.requests(), "x")) >= 4, what="four unloads of x")
     attempts = unloads(fake.requests(), "x")
-    periods = (time.monotonic() - first) / period
-    assert 2 <= len(attempts) < periods / 2, f"{len(attempts)} unloads in {periods:.1f} periods: not backing off"
+    assert backing_off([e["t"] for e in attempts], period), f"unloads at {[e['t'] for e in attempts]}: not backing off"
     assert all(e["status"] == 200 for e in attempts)
     assert wait_failed(sidecar, "x", "200", "still lists")["failures"] >= 2
     assert adapter(sidecar, "a")["state"] == "loaded"
-    sidecar.wait_for(lambda: sidecar.status()["in_sync"] is False, 3.0, "not in sync")
+    sidecar.wait_for(lambda: sidecar.status()["in_sync"] is False, what="not in sync")
     assert "x" in fake.adapters()
 
 
@@ -376,20 +361,21 @@ def test_6_a_server_that_normalises_root_gets_one_load_and_no_reloads(
     source = adapter_paths(["a"])["a"] + "/"  # listed back as ".../a-r8"
     kubelet.write(lora_config(fake.port, {"a": source}))
     sidecar = run(start_sidecar, kubelet.path, "--reconcile-trigger", "0.3")
-    wait_until(lambda: "a" in fake.adapters(), 5.0)
-    wait_cycles(fake, 6)
+    wait_until(lambda: "a" in fake.adapters())
+    wait_cycles(fake, 3)
 
     calls = post_summary(posts(fake.requests()))
     assert calls == [("load", "a", source, False, 200)], f"a trailing '/' is no reason to reload: {calls}"
-    record = sidecar.wait_for(lambda: (r := adapter(sidecar, "a"))["state"] == "loaded" and r, 3.0)
+    record = sidecar.wait_for(lambda: (r := adapter(sidecar, "a"))["state"] == "loaded" and r)
     assert record["last_error"] is None
-    sidecar.wait_ready(3.0)
+    sidecar.wait_ready()
     assert sidecar.status()["in_sync"] is True
 
 
 # ============================================================ 7. /v1/models dropped while /health is fine
 
 
+@pytest.mark.slow  # a 3.5 s window
 def test_7_models_dropped_while_health_is_fine_is_one_error_polled_once_a_period(
     make_fake, adapter_paths, kubelet, start_sidecar
 ):
@@ -404,7 +390,10 @@ def test_7_models_dropped_while_health_is_fine_is_one_error_polled_once_a_period
 
     dropped_at = time.monotonic()
     fake.set_fault("models_drop")
-    time.sleep(3.5)  # three and a half periods, 35 health-check intervals
+    # A window of three and a half periods, 35 health-check intervals: the number of GETs in it tells
+    # polling once a period (3-5) from polling once a health check (35). Its upper bound only gets easier
+    # on a slow machine.
+    time.sleep(3.5)
     window = time.monotonic() - dropped_at
     gets = models_calls(fake, dropped_at)
     new_lines = sidecar.json_lines()[log_mark:]
@@ -416,7 +405,7 @@ def test_7_models_dropped_while_health_is_fine_is_one_error_polled_once_a_period
     problems = [line for line in new_lines if line["level"] in ("warning", "error") and line["msg"] != DOWN]
     assert len(problems) == 1, f"the error is logged once per distinct error: {problems}"
 
-    wait_cycles(fake, 1, timeout=5.0)
+    wait_cycles(fake, 1)
     assert fake.adapters() == paths
 
 
@@ -427,6 +416,7 @@ def server_error(sidecar: Sidecar) -> str:
     return sidecar.status()["server"].get("error") or ""
 
 
+@pytest.mark.slow  # a 1 s window each
 @pytest.mark.parametrize("where", ["https-against-http", "refused", "unresolvable"])
 def test_8_while_waiting_status_says_why_the_server_is_not_reachable(
     where, make_fake, adapter_paths, kubelet, start_sidecar
@@ -442,27 +432,16 @@ def test_8_while_waiting_status_says_why_the_server_is_not_reachable(
     sidecar = run(start_sidecar, kubelet.path)
     sidecar.wait_serving()
 
-    error = sidecar.wait_for(lambda: (e := server_error(sidecar)) and any(w in e for w in wanted) and e, 5.0,
-                             f"/status server.error naming one of {wanted}")
+    error = sidecar.wait_for(lambda: (e := server_error(sidecar)) and any(w in e for w in wanted) and e,
+                             what=f"/status server.error naming one of {wanted}")
     assert "does not answer 200" not in error
     assert sidecar.status()["server"]["up"] is False
     assert sidecar.readyz() == 503
 
-    time.sleep(1.0)  # five health-check intervals: the reason is logged once, not once per try
+    time.sleep(1.0)  # a window of five health-check intervals: the reason is logged once, not once per try
     waiting = [line for line in sidecar.json_lines() if "waiting for vLLM" in line["msg"]]
     assert len(waiting) == 1, waiting
     assert any(w in waiting[0].get("error", "") for w in wanted), waiting
-
-
-def test_8_an_api_key_with_a_trailing_newline_just_works(make_fake, adapter_paths, kubelet, start_sidecar):
-    fake = make_fake(api_key="secret")
-    paths = adapter_paths(["a", "b"])
-    kubelet.write(lora_config(fake.port, paths))
-    sidecar = run(start_sidecar, kubelet.path, env={"VLLM_API_KEY": "secret\n"})
-    converge(fake, paths)
-    v1 = [e for e in fake.requests() if e["path"].startswith("/v1")]
-    assert v1 and all(e["status"] == 200 for e in v1)
-    sidecar.wait_ready(3.0)
 
 
 @pytest.mark.parametrize("via", ["VLLM_API_KEY", "--api-key-file"])
@@ -477,7 +456,7 @@ def test_8_an_api_key_with_a_control_character_inside_is_refused_at_start(
         key_file = tmp_path / "api-key"
         key_file.write_text("sec\nret\n")
         sidecar = run(start_sidecar, kubelet.path, "--api-key-file", key_file)
-    sidecar.wait_for(lambda: not sidecar.running, 10.0, "the sidecar refuses to start")
+    sidecar.wait_for(lambda: not sidecar.running, what="the sidecar refuses to start")
     assert sidecar.wait(5) == 2
     assert via in sidecar.log_text()
     assert not posts(fake.requests())
@@ -495,8 +474,8 @@ def test_9_a_load_that_times_out_is_counted_and_every_request_has_a_series(
     sidecar = run(start_sidecar, kubelet.path, "--reconcile-trigger", "0.3", "--load-timeout", "0.5")
 
     sidecar.wait_for(
-        lambda: sidecar.metrics().total("lora_sidecar_operations_total", op="load", result="timeout") >= 1, 5.0,
-        'lora_sidecar_operations_total{op="load",result="timeout"} >= 1')
+        lambda: sidecar.metrics().total("lora_sidecar_operations_total", op="load", result="timeout") >= 1,
+        what='lora_sidecar_operations_total{op="load",result="timeout"} >= 1')
     m = sidecar.metrics()
     timeouts = m.total("lora_sidecar_operations_total", op="load", result="timeout")
     assert m.value("lora_sidecar_operation_duration_seconds_count", op="load") >= timeouts

@@ -5,7 +5,8 @@
 - The config is read with a safe loader: Python tags are refused and never run, in any mode.
 - Adapter ids and sources full of shell metacharacters, quotes, newlines and `../` reach vLLM
   verbatim as JSON values, and nothing on the sidecar's side runs or writes anything because of them.
-(The API key's absence from every output is checked in test_process.py.)
+(The API key's absence from every output is checked in test_hardening.py; a running sidecar given a
+Python tag is one of test_process.py's bad configs.)
 """
 
 from __future__ import annotations
@@ -20,25 +21,31 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from fake_vllm import FakeVLLM
+from fake_vllm import FakeVLLM, make_adapter
 from kubelet import KubeletConfigDir
-from sidecar_process import Sidecar, lora_config, run_sidecar, wait_until
+from sidecar_process import DEADLINE, Sidecar, converge, lora_config, run_sidecar, wait_until
 
 import sidecar as sidecar_module
 
 PATHS = ("/metrics", "/healthz", "/readyz", "/status")
-PROMPT = 0.5  # seconds a probe may take while bad clients hang around
+# The status server drops a connection that sends nothing for 5 s (StatusHandler.timeout in sidecar.py). A
+# probe queued behind a slow client would wait that long: one answered sooner was not held up by it.
+HELD_UP = 5.0
 
 
-@pytest.fixture
-def serving(fake: FakeVLLM, adapter_paths, kubelet: KubeletConfigDir, start_sidecar) -> Sidecar:
-    """A sidecar in sync with one adapter, its HTTP server on 127.0.0.1."""
-    paths = adapter_paths(["a"])
-    kubelet.write(lora_config(fake.port, paths))
-    sidecar = start_sidecar(["--config", kubelet.path])
-    wait_until(lambda: fake.adapters() == paths, 10, message=lambda: sidecar.log_text())
-    sidecar.wait_ready()
-    return sidecar
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
+    """A sidecar in sync with one adapter, its HTTP server on 127.0.0.1, shared by the module's tests:
+    they only probe it (and check that it still answers afterwards)."""
+    root = tmp_path_factory.mktemp("serving")
+    paths = {"a": str(make_adapter(root / "adapters" / "a"))}
+    with FakeVLLM(port=0) as fake:
+        folder = KubeletConfigDir(root / "config")
+        folder.write(lora_config(fake.port, paths))
+        with Sidecar(["--config", folder.path]) as sidecar:
+            converge(fake, paths, sidecar=sidecar)
+            sidecar.wait_ready()
+            yield sidecar
 
 
 def raw_request(port: int, data: bytes, timeout: float = 5.0) -> tuple[int | None, bytes]:
@@ -58,7 +65,7 @@ def raw_request(port: int, data: bytes, timeout: float = 5.0) -> tuple[int | Non
     return (int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else None), answer
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", [*PATHS, "/metrics?x=1"])
 def test_get_on_each_path_answers(serving, path):
     response = serving.get(path)
     assert response.status_code == 200, response.text
@@ -103,11 +110,10 @@ def test_odd_requests_get_no_content_and_leave_the_server_working(serving, reque
     assert serving.healthz() == 200
 
 
-def timed_probe(sidecar: Sidecar, path: str) -> float:
-    started = time.monotonic()
-    response = requests.get(sidecar.base_url + path, timeout=5)
-    assert response.status_code == 200
-    return time.monotonic() - started
+def probe_not_held_up(sidecar: Sidecar, path: str) -> None:
+    """The probe answers 200 before any slow client could have been dropped to make way for it."""
+    response = requests.get(sidecar.base_url + path, timeout=HELD_UP * 0.8)  # ReadTimeout: held up
+    assert response.status_code == 200, path
 
 
 def test_half_sent_requests_do_not_block_the_probes(serving):
@@ -115,10 +121,8 @@ def test_half_sent_requests_do_not_block_the_probes(serving):
         for i in range(64):
             s = stack.enter_context(closing(socket.create_connection(("127.0.0.1", serving.metrics_port), 5)))
             s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n" if i % 2 else b"GE")  # never finished
-            # Paced: the listen backlog is the stdlib's 5, and a burst past it waits for SYN retries (1 s, 2 s).
-            time.sleep(0.01)
-        for path in ("/healthz", "/readyz", "/metrics", "/status"):
-            assert timed_probe(serving, path) < PROMPT, path
+        for path in PATHS:
+            probe_not_held_up(serving, path)
 
 
 def test_a_client_that_never_reads_does_not_block_the_probes(serving):
@@ -132,21 +136,19 @@ def test_a_client_that_never_reads_does_not_block_the_probes(serving):
             with contextlib.suppress(BlockingIOError):
                 s.send(pipelined)  # as much as fits; nothing is ever read back
         time.sleep(0.3)  # let the server fill its send buffers
-        for path in ("/healthz", "/readyz", "/metrics", "/status"):
-            assert timed_probe(serving, path) < PROMPT, path
+        for path in PATHS:
+            probe_not_held_up(serving, path)
 
 
-def test_a_half_sent_request_is_dropped_after_a_bounded_time(serving):
+@pytest.mark.slow  # waits out the status server's 5 s handler timeout
+def test_a_half_sent_request_is_dropped(serving):
     with closing(socket.create_connection(("127.0.0.1", serving.metrics_port), 5)) as s:
         s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
-        s.settimeout(15)
-        started = time.monotonic()
+        s.settimeout(HELD_UP + DEADLINE)  # socket.timeout: the server held the half request
         try:
             leftover = s.recv(1024)  # b"" once the server gives up on us, or a 408 first
         except ConnectionResetError:
             leftover = b""
-        waited = time.monotonic() - started
-    assert waited < 10, f"the server held a half request for {waited:.1f} s"
     assert b"lora_sidecar" not in leftover
 
 
@@ -176,19 +178,6 @@ def test_python_tags_are_config_errors_and_never_run(tmp_path, text):
     result = run_sidecar(["--config", config, "--validate"])
     assert result.code == 2, result.stderr
     assert not marker.exists()
-
-
-def test_a_python_tag_in_a_running_sidecars_config_changes_nothing(serving, fake, kubelet, tmp_path):
-    before = fake.adapters()
-    marker = tmp_path / "ran"
-    since = time.monotonic()
-    kubelet.write(PYTHON_TAGS[0].format(marker=marker))
-    serving.wait_for_log("config rejected")
-    time.sleep(1.0)
-    assert not marker.exists()
-    assert fake.adapters() == before
-    assert [e for e in fake.requests() if e["method"] == "POST" and e["t"] >= since] == []
-    assert serving.running
 
 
 # ------------------------------------------------------------------ ids and sources go out verbatim

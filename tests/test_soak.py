@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from faults import FAULTS, RECOVERY_BOUND, THEIRS, Fault, Row, matches
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
@@ -94,6 +95,7 @@ class Driver:
         self.done.append(name)
 
 
+@pytest.mark.slow  # SOAK_SECONDS, 60 by default
 def test_soak(tmp_path):
     rng = random.Random(SEED)
     row = Row(tmp_path, "soak")
