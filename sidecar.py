@@ -640,10 +640,14 @@ def _entries(body: dict[str, Any], key: str, default_base: str | None) -> list[E
     ]
 
 
+@cache
+def _canary_defaults() -> dict[str, Any]:
+    return {k: v["default"] for k, v in config_schema()["$defs"]["canary"]["properties"].items()}
+
+
 def _canary(every: dict[str, Any], own: dict[str, Any]) -> Canary | None:
     """The top-level canary with this adapter's own fields over it, over the schema's defaults."""
-    defaults = {k: v["default"] for k, v in config_schema()["$defs"]["canary"]["properties"].items()}
-    merged = {**defaults, **every, **own}
+    merged = {**_canary_defaults(), **every, **own}
     if not merged["enabled"]:
         return None
     return Canary(merged["prompt"], merged["maxTokens"], float(merged["timeoutSeconds"]),
@@ -1384,9 +1388,9 @@ class Reconciler:
     def _prove(self, server: ServerState) -> None:
         """The canary of each adapter just seen loaded after a change; never while nothing changes."""
         base_texts: dict[tuple[str, int], str] = {}  # one base-model completion per prompt per cycle
-        for record in [r for r in self.records.values() if r.canary_due and r.adapter.canary]:
+        for record in [r for r in self.records.values() if r.canary_due]:
             canary, adapter_id, started = record.adapter.canary, record.adapter.id, clock()
-            assert canary is not None
+            assert canary is not None  # canary_due is only ever set for an adapter with a canary
             try:
                 if not server.base_models:
                     raise CanaryUnavailable("the server lists no base model to compare with")
