@@ -15,6 +15,14 @@ LABEL org.opencontainers.image.title="lora-sidecar" \
 RUN --mount=type=bind,source=requirements.txt,target=/tmp/requirements.txt \
     pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore -r /tmp/requirements.txt
 
+# s3:// sources need boto3 (35 MB installed), which sidecar.py imports only when it first fetches
+# one: `docker build --build-arg WITH_S3=1` adds it; the default image stays as small as before.
+ARG WITH_S3=0
+RUN --mount=type=bind,source=requirements-s3.txt,target=/tmp/requirements-s3.txt \
+    if [ "$WITH_S3" = "1" ]; then \
+      pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore -r /tmp/requirements-s3.txt; \
+    fi
+
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONPATH=/app

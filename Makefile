@@ -25,7 +25,7 @@ help:
 	@echo "make clean    remove venvs, models and caches"
 
 # The project venv: runtime pins plus test and lint tools.
-$(BIN)/.installed: requirements.txt requirements-dev.txt
+$(BIN)/.installed: requirements.txt requirements-s3.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
@@ -55,7 +55,7 @@ monitoring: $(BIN)/.installed prometheus-tools
 # hardening, security and fault checks, and every other file of tests/.
 CHECK_PYTEST := HYPOTHESIS_PROFILE=dev $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 CHECK_FIRST := test_sidecar.py tests/test_properties.py tests/test_manifests.py tests/test_hardening.py \
-	tests/test_security.py tests/test_faults.py
+	tests/test_security.py tests/test_faults.py tests/test_drift.py tests/test_rollouts.py
 
 check: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -10,13 +10,18 @@ file changing. A bad config never unloads anything: the last good one stays
 in force. A failing adapter is retried with backoff without holding up the
 others, and a hung or absent server only delays the next cycle.
 
+Adapters kept in object storage (`s3://`, `https://` archives) are downloaded by
+the sidecar into a volume vLLM shares, checked, and loaded from there.
+
 Reading order: the knobs (every flag with its environment variable and why its
 default is what it is) and the metrics; data types; config loading; the vLLM
-client; the decisions, all pure: `plan()`, then what an answer or a model list
-does to one adapter's record (`AdapterRecord`), which actions are due and when
-the sidecar is ready; the reconciler, which executes a plan and records every
-answer; the triggers (`ConfigSource`, `run_loop`, the one place that decides
-when to reconcile); the status server; `main()`.
+client; remote sources (`localize()` and `evictions()`, pure, then
+`AdapterStore`, which downloads, checks, stages and deletes); the decisions, all
+pure: `plan()`, then what an answer or a model list does to one adapter's record
+(`AdapterRecord`), which actions are due and when the sidecar is ready; the
+reconciler, which executes a plan, records every answer and proves adapters with
+their canary; the triggers (`ConfigSource`, `run_loop`, the one place that
+decides when to reconcile); the status server; `main()`.
 """
 
 from __future__ import annotations
@@ -30,13 +35,18 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
+import stat
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import zipfile
+import zlib
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +56,7 @@ from typing import Any
 import jsonschema
 import prometheus_client as prom
 import requests
+import urllib3
 import yaml
 from prometheus_client.core import GaugeMetricFamily
 
@@ -79,6 +90,17 @@ FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         # vLLM downloads a Hugging Face id on load: minutes for a large adapter on a slow link.
         default=600.0, type=float, metavar="S",
         help="seconds allowed for one load; a load sent with others gets one allowance for each")),
+    ("--adapter-dir", ENV + "ADAPTER_DIR", dict(
+        default=None, metavar="DIR",  # a volume mounted at the same path in vLLM's container
+        help="where s3:// and https:// sources are downloaded to; vLLM loads them from there")),
+    ("--adapter-dir-max-bytes", ENV + "ADAPTER_DIR_MAX_BYTES", dict(
+        # 0 keeps no version the config no longer names; a budget keeps them, for a quick rollback.
+        default=0, type=int, metavar="BYTES",
+        help="disk budget of --adapter-dir: versions no longer used are kept up to it, oldest evicted "
+             "first; 0: no budget, and an unused version is deleted once vLLM no longer lists it")),
+    ("--download-timeout", ENV + "DOWNLOAD_TIMEOUT", dict(
+        # Each read has --request-timeout; this bounds the whole of a large adapter on a slow link.
+        default=1800.0, type=float, metavar="S", help="seconds allowed for one adapter's whole download")),
     ("--config-validation", ENV + "CONFIG_VALIDATION", dict(
         default=True, action=argparse.BooleanOptionalAction,
         help="check the config against validation.yaml; off, unknown keys pass and every other rule holds")),
@@ -113,7 +135,11 @@ class Settings:
     api_key: str | None = field(default=None, repr=False)
     log_level: str = "info"
     log_format: str = "text"
-    mode: str = "run"  # run | once | dry-run | validate
+    mode: str = "run"  # run | once | dry-run | validate | digest
+    adapter_dir: Path | None = None
+    adapter_dir_max_bytes: int = 0
+    download_timeout: float = 1800.0
+    digest_of: Path | None = None
 
     @property
     def alive_window(self) -> float:
@@ -141,6 +167,12 @@ STAGING_SUFFIX = "~staging"
 # vLLM <= 0.32 keeps `load_inplace` on the stored request and re-reads the adapter's files on every
 # engine step that uses it (vllm/lora/worker_manager.py); 0.33 resets the flag after the load.
 INPLACE_SAFE_FROM = (0, 33)
+# Remote sources: downloaded by the sidecar, loaded by vLLM from --adapter-dir.
+REMOTE_SCHEMES = ("s3://", "https://")
+# Downloads share one link and one disk: two at once keep a slow source from holding up the rest.
+MAX_DOWNLOADS_IN_FLIGHT = 2
+INCOMING_PREFIX = ".incoming-"  # a download in progress; never given to vLLM
+DOWNLOAD_CHUNK = 1024 * 1024
 RUNTIME_LORA_HINT = (
     "vLLM has runtime LoRA updating turned off: start it with "
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true and --enable-lora"
@@ -201,17 +233,31 @@ CANARY_SECONDS = prom.Histogram("lora_sidecar_canary_duration_seconds",
 FOREIGN = prom.Gauge("lora_sidecar_foreign_adapters", "Adapters the server lists that the config does not name.")
 LOST = prom.Counter("lora_sidecar_adapter_lost", "Adapters the sidecar saw loaded that vanished without its unload.",
                     ["adapter"])
+DOWNLOADS = prom.Counter("lora_sidecar_downloads", "Downloads of remote adapter sources, by result (success, error).",
+                         ["result"])
+for _result in ("success", "error"):
+    DOWNLOADS.labels(_result)
+DOWNLOAD_BYTES = prom.Counter("lora_sidecar_download_bytes", "Bytes downloaded from remote adapter sources.")
+DOWNLOAD_SECONDS = prom.Histogram("lora_sidecar_download_seconds", "Duration of downloads, whatever their result.",
+                                  buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800))
+ADAPTER_DIR_BYTES = prom.Gauge("lora_sidecar_adapter_dir_bytes", "Bytes of the adapter versions in --adapter-dir.")
 SERVER_UP = prom.Gauge("lora_sidecar_server_up", "1 when the vLLM server answered its last call.")
 IN_SYNC = prom.Gauge("lora_sidecar_in_sync", "1 when the server matched the config after the last cycle.")
 
 # Secrets (the API key) never leave the process: every log line, /status, /metrics and printed
-# plan goes through mask(). Set once at start.
+# plan goes through mask(). Set once at start. A URL's credentials and query string (a presigned
+# URL's signature) are masked too.
 SECRETS: list[str] = []
+URL_USER = re.compile(r"(\w+://)[^\s/@\"']+@")
+# requests' messages name the URL as `url: /path?query`.
+URL_QUERY = re.compile(r"((?:https?://|url: )[^\s?#\"']*)\?[^\s\"']*")
 
 
 def mask(text: str) -> str:
     for secret in SECRETS:
         text = text.replace(secret, "***")
+    if "://" in text or "url: " in text:
+        text = URL_QUERY.sub(r"\1?***", URL_USER.sub(r"\1***@", text))
     return text
 
 
@@ -273,6 +319,11 @@ class Adapter:
     source: str
     base_model: str | None = None
     canary: Canary | None = None  # None: not proven, only loaded
+    sha256: str | None = None  # pins a remote source's content
+
+    @property
+    def remote(self) -> bool:
+        return self.source.startswith(REMOTE_SCHEMES)
 
 
 @dataclass(frozen=True)
@@ -311,6 +362,7 @@ class Op(enum.StrEnum):
     LOAD = "load"
     RELOAD = "reload"
     UNLOAD = "unload"
+    DOWNLOAD = "download"  # of a remote source, before its load; never in a plan
 
 
 @dataclass(frozen=True)
@@ -634,7 +686,7 @@ def _entries(body: dict[str, Any], key: str, default_base: str | None) -> list[E
     return [
         Entry(field_path([CONFIG_KEY, key, "models", index]),
               Adapter(model["id"], model["source"], model.get("base-model") or default_base,
-                      _canary(body.get("canary") or {}, model.get("canary") or {})),
+                      _canary(body.get("canary") or {}, model.get("canary") or {}), model.get("sha256")),
               key == "ensureNotExist" or model.get("toRemove") is True)
         for index, model in enumerate(models)
     ]
@@ -930,6 +982,426 @@ def _first_line(error: BaseException) -> str:
     return text[0][:MAX_MESSAGE_CHARS] if text else ""
 
 
+# ------------------------------------------------ remote sources: download, check, stage, evict
+
+
+class FetchError(Exception):
+    """A download that failed. Permanent when the source itself is at fault (a digest that does not
+    match, an unsafe archive, no adapter in it): waiting will not fix it."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class Download:
+    """A finished download: the version folder it filled, or why it failed."""
+
+    adapter: Adapter
+    folder: Path
+    error: FetchError | None
+    bytes: int
+    seconds: float
+    sha256: str | None
+
+    def status(self) -> dict[str, Any]:
+        return {"state": "failed" if self.error else "done", "bytes": self.bytes,
+                "seconds": round(self.seconds, 3), "sha256": self.sha256}
+
+
+@dataclass
+class Received:
+    """Bytes of one download so far, for its record whether it ends well or not."""
+
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class VersionFolder:
+    name: str
+    bytes: int
+    staged_at: float  # the folder's mtime: when its download was renamed into place
+
+
+VERSION_FOLDER = re.compile(r"[A-Za-z0-9._-]+@[0-9a-f]{16}")
+
+
+def version_folder(adapter_dir: Path, adapter: Adapter) -> Path:
+    """`<id>@<version>`, the version being the pinned digest or else the source's: a new version is
+    a new folder, so the files vLLM serves are never overwritten."""
+    version = adapter.sha256 or hashlib.sha256(adapter.source.encode()).hexdigest()
+    return adapter_dir / f"{re.sub(r'[^A-Za-z0-9._-]', '_', adapter.id)[:200]}@{version[:16]}"
+
+
+def localize(desired: DesiredState, server: ServerState, adapter_dir: Path | None,
+             staged: Collection[str]) -> tuple[DesiredState, tuple[Adapter, ...]]:
+    """The desired state as vLLM can load it: a remote adapter whose version is staged points at its
+    folder; one not staged yet is left out, so the version it replaces keeps serving, and is
+    returned to be fetched. One for a base model the server does not serve is left to plan()."""
+    local, fetch = [], []
+    for adapter in desired.ensure_exist:
+        if not adapter.remote or (adapter.base_model and not server.serves(adapter.base_model)):
+            local.append(adapter)
+        elif adapter_dir and version_folder(adapter_dir, adapter).name in staged:
+            local.append(replace(adapter, source=str(version_folder(adapter_dir, adapter))))
+        else:
+            fetch.append(adapter)
+    return replace(desired, ensure_exist=tuple(local)), tuple(fetch)
+
+
+def evictions(folders: Sequence[VersionFolder], keep: Collection[str], budget: int, need: int = 0) -> list[str]:
+    """The version folders to delete, oldest first, among those in no use (`keep`: wanted by the
+    config or listed by vLLM): with no budget, all of them; with one, as many as it takes for the
+    rest and `need` more bytes to fit."""
+    unused = sorted((f for f in folders if f.name not in keep), key=lambda f: f.staged_at)
+    if budget <= 0:
+        return [f.name for f in unused]
+    used, chosen = sum(f.bytes for f in folders), []
+    for folder in unused:
+        if used + need <= budget:
+            break
+        chosen.append(folder.name)
+        used -= folder.bytes
+    return chosen
+
+
+def safe_relative(name: str, where: str, strict: bool = False) -> str:
+    """An archive entry or object key as a path inside the adapter's folder. A name that could land
+    outside it (absolute, `..`) fails the download; `strict` (object keys) refuses empty parts too."""
+    parts = name.replace("\\", "/").split("/")
+    if (name.startswith(("/", "\\")) or ".." in parts or re.match(r"[A-Za-z]:[\\/]", name)
+            or (strict and "" in parts[:-1])):
+        raise FetchError(f"unsafe path in {where}: {name!r}", permanent=True)
+    return "/".join(part for part in parts if part not in ("", "."))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(DOWNLOAD_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tree_digest(files: Mapping[str, str]) -> str:
+    """The digest pinned for an s3:// prefix, from {relative path: file sha256}: the sha256 of
+    `sha256sum`'s lines in byte order of the path, as
+    `find . -type f -printf '%P\\n' | LC_ALL=C sort | xargs sha256sum | sha256sum` prints it."""
+    return hashlib.sha256("".join(f"{files[p]}  {p}\n" for p in sorted(files)).encode()).hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    files = {}
+    for top, _, names in os.walk(folder):
+        for name in names:
+            path = Path(top, name)
+            files[path.relative_to(folder).as_posix()] = file_sha256(path)
+    return tree_digest(files)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(Path(top, name).stat().st_size for top, _, names in os.walk(folder) for name in names)
+
+
+def extract(archive: Path, into: Path, budget: int) -> None:
+    """Unpack regular files and folders only. Any entry that could land outside `into` (absolute,
+    `..`, a link, a device) fails the whole archive; so does unpacking past the budget."""
+    into.mkdir()
+    written = 0
+
+    def write(name: str, source: Any) -> None:
+        nonlocal written
+        target = into / safe_relative(name, "archive")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("wb") as out:
+            while chunk := source.read(DOWNLOAD_CHUNK):
+                written += len(chunk)
+                if budget and written > budget:
+                    raise FetchError(f"the archive unpacks to more than --adapter-dir-max-bytes ({budget})",
+                                     permanent=True)
+                out.write(chunk)
+
+    import tarfile  # here: 0.4 MB resident, for a sidecar that may never see an archive
+
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            for info in z.infolist():
+                if stat.S_IFMT(info.external_attr >> 16) not in (0, stat.S_IFREG, stat.S_IFDIR):
+                    raise FetchError(f"unsafe path in archive: {info.filename!r} is a link or device",
+                                     permanent=True)
+                if info.is_dir():
+                    (into / safe_relative(info.filename, "archive")).mkdir(parents=True, exist_ok=True)
+                else:
+                    with z.open(info) as source:
+                        write(info.filename, source)
+        return
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                if member.isdir():
+                    (into / safe_relative(member.name, "archive")).mkdir(parents=True, exist_ok=True)
+                elif not member.isfile():
+                    raise FetchError(f"unsafe path in archive: {member.name!r} is a link or device",
+                                     permanent=True)
+                else:
+                    write(member.name, tar.extractfile(member))
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise FetchError(f"not a .tar.gz, .tgz or .zip archive: {_first_line(e)}", permanent=True) from None
+
+
+def adapter_root(content: Path) -> Path:
+    """The folder holding adapter_config.json: the download itself, or its one top-level folder
+    (an archive made with `tar czf a.tar.gz my-adapter/`)."""
+    entries = list(content.iterdir())
+    if not (content / "adapter_config.json").is_file() and len(entries) == 1 and entries[0].is_dir():
+        content = entries[0]
+    try:
+        config = json.loads((content / "adapter_config.json").read_bytes())
+    except FileNotFoundError:
+        raise FetchError("no adapter_config.json in the download", permanent=True) from None
+    except (OSError, ValueError) as e:
+        raise FetchError(f"adapter_config.json is unreadable: {_first_line(e)}", permanent=True) from None
+    if not isinstance(config, dict):
+        raise FetchError("adapter_config.json is not a JSON object", permanent=True)
+    return content
+
+
+class AdapterStore:
+    """--adapter-dir: remote sources downloaded in the background, checked, and renamed into their
+    version folder; a version deleted only once vLLM's last answered model list no longer names it."""
+
+    def __init__(self, root: Path | None, budget: int = 0, request_timeout: float = 10.0,
+                 download_timeout: float = 1800.0) -> None:
+        self.root = root.absolute() if root else None
+        self.budget = budget
+        self.request_timeout = request_timeout
+        self.download_timeout = download_timeout
+        self.wake: Callable[[], None] = lambda: None  # the loop's nudge: a finished download is news
+        # Not the vLLM client's session: that one carries vLLM's API key, which no other host may see.
+        self._http = requests.Session()
+        self._pool = ThreadPoolExecutor(MAX_DOWNLOADS_IN_FLIGHT, thread_name_prefix="download")
+        self._running: dict[str, Future[Download]] = {}  # by folder name
+        self._keep: set[str] | None = None  # folders wanted or listed at the last answered /v1/models
+        self._lock = threading.RLock()  # the loop and the downloads both delete, count and track
+        self._sizes: dict[str, int] = {}  # a staged folder never changes: measured once
+        self._s3_client: Any = None
+        self._s3_lock = threading.Lock()  # not _lock: importing boto3 takes a second the loop must not wait
+
+    def remove_leftovers(self) -> None:
+        """Delete the downloads a restart cut short; only the long-running sidecar owns the folder."""
+        for leftover in self.root.glob(INCOMING_PREFIX + "*") if self.root else ():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    # -- what the loop calls
+
+    def staged(self) -> list[VersionFolder]:
+        if self.root is None or not self.root.is_dir():
+            return []
+        folders = []
+        with self._lock:
+            for path in self.root.iterdir():
+                if VERSION_FOLDER.fullmatch(path.name) and path.is_dir():
+                    if path.name not in self._sizes:
+                        self._sizes[path.name] = folder_bytes(path)
+                    folders.append(VersionFolder(path.name, self._sizes[path.name], path.stat().st_mtime))
+        return folders
+
+    def finished(self) -> list[Download]:
+        with self._lock:
+            done = [name for name, future in self._running.items() if future.done()]
+            return [self._running.pop(name).result() for name in done]
+
+    def start(self, adapter: Adapter) -> None:
+        """Download one adapter's version unless that is under way already."""
+        folder = version_folder(self.root or Path(), adapter)
+        with self._lock:
+            if folder.name not in self._running:
+                future = self._pool.submit(self._download, adapter, folder)
+                future.add_done_callback(lambda _: self.wake())
+                self._running[folder.name] = future
+
+    def busy(self) -> bool:
+        return bool(self._running)
+
+    def wait(self, timeout: float) -> None:
+        with self._lock:
+            futures = list(self._running.values())
+        if futures:
+            next(iter(as_completed(futures, timeout)), None)
+
+    def observe(self, desired: DesiredState, server: ServerState | None) -> None:
+        """After each model list (None: the server could not be asked): remember which versions must
+        stay, and delete those no longer wanted nor listed, as the budget says."""
+        if self.root is None:
+            return
+        with self._lock:
+            if server is None:
+                self._keep = None
+                return
+            root = str(self.root)
+            listed = {os.path.basename(r.rstrip("/")) for r in server.adapters.values()
+                      if r and os.path.dirname(r.rstrip("/")) == root}
+            wanted = {version_folder(self.root, a).name for a in desired.ensure_exist if a.remote}
+            self._keep = listed | wanted | set(self._running)
+            folders = self.staged()
+            for name in evictions(folders, self._keep, self.budget):
+                self._delete(name)
+            ADAPTER_DIR_BYTES.set(sum(f.bytes for f in folders if f.name in self._sizes))
+
+    # -- one download, in a worker thread
+
+    def _download(self, adapter: Adapter, folder: Path) -> Download:
+        started, received, digest = clock(), Received(), None
+        try:
+            if self.root is None:
+                raise FetchError(f"{adapter.source.split(':')[0]}:// sources need --adapter-dir, a volume "
+                                 "mounted at the same path in the sidecar and vLLM", permanent=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+            incoming = Path(tempfile.mkdtemp(prefix=INCOMING_PREFIX, dir=self.root))
+            try:
+                deadline = started + self.download_timeout
+                if adapter.source.startswith("s3://"):
+                    digest = self._fetch_prefix(adapter.source, incoming / "adapter", deadline, received)
+                else:
+                    digest = self._fetch_archive(adapter.source, incoming, deadline, received)
+                if adapter.sha256 and digest != adapter.sha256:
+                    raise FetchError(f"sha256 mismatch: the config pins {adapter.sha256}, the download is {digest}",
+                                     permanent=True)
+                self._stage(adapter_root(incoming / "adapter"), folder)
+            finally:
+                shutil.rmtree(incoming, ignore_errors=True)
+        except FetchError as e:
+            error: FetchError | None = e
+        except OSError as e:  # a full disk, a read-only volume
+            error = FetchError(f"cannot write to --adapter-dir: {e.strerror or e}")
+        except Exception as e:  # a bug costs this adapter a retry, not the others
+            log.exception("unexpected error", adapter=adapter.id, action="download")
+            error = FetchError(f"internal error: {e!r}")
+        else:
+            error = None
+        finally:
+            DOWNLOAD_BYTES.inc(received.bytes)
+        return Download(adapter, folder, error, received.bytes, clock() - started, digest)
+
+    def _stage(self, content: Path, folder: Path) -> None:
+        """Rename a checked download into its version folder, making room under the budget first (the
+        budget counts the versions kept; a download in progress needs its own room besides)."""
+        need = folder_bytes(content)
+        with self._lock:
+            if folder.is_dir():
+                return  # the same version, staged for another adapter id meanwhile
+            if self.budget:
+                if self._keep is None:
+                    raise FetchError("no room can be made in --adapter-dir while the server cannot be asked")
+                for name in evictions(self.staged(), self._keep | set(self._running), self.budget, need):
+                    self._delete(name)
+                used = sum(f.bytes for f in self.staged())
+                if used + need > self.budget:
+                    raise FetchError(f"the download ({need} bytes) does not fit in --adapter-dir-max-bytes "
+                                     f"({self.budget}): {used} bytes are in use by versions vLLM lists or the "
+                                     f"config names")
+            content.rename(folder)
+            os.utime(folder)  # staged now, for the oldest-first eviction
+
+    def _delete(self, name: str) -> None:
+        assert self.root is not None
+        shutil.rmtree(self.root / name, ignore_errors=True)
+        self._sizes.pop(name, None)
+        log.info(f"deleted {name}: no adapter vLLM lists and no entry of the config uses it",
+                 folder=str(self.root / name))
+
+    def _check_size(self, size: int) -> None:
+        if self.budget and size > self.budget:
+            raise FetchError(f"the download ({size} bytes or more) does not fit in --adapter-dir-max-bytes "
+                             f"({self.budget})", permanent=True)
+
+    def _check_deadline(self, deadline: float) -> None:
+        if clock() > deadline:
+            raise FetchError(f"the download took longer than --download-timeout ({self.download_timeout:g} s)")
+
+    def _fetch_archive(self, url: str, incoming: Path, deadline: float, received: Received) -> str:
+        archive, digest = incoming / "archive", hashlib.sha256()
+        try:
+            # identity: the sha256 pinned is the file's, and the unpacker does its own gunzip
+            with self._http.get(url, stream=True, timeout=self.request_timeout,
+                                headers={"Accept-Encoding": "identity"}) as response:
+                if response.status_code != 200:
+                    raise FetchError(f"the archive's server answered {response.status_code}",
+                                     permanent=response.status_code in (401, 403, 404, 410))
+                expected = int(response.headers.get("Content-Length") or 0)
+                self._check_size(expected)
+                with archive.open("wb") as out:
+                    # read1: whatever has arrived, so that a server trickling bytes meets the deadline;
+                    # the bytes as sent, whatever Content-Encoding a store put on them
+                    while chunk := response.raw.read1(DOWNLOAD_CHUNK, decode_content=False):
+                        self._check_deadline(deadline)
+                        received.bytes += len(chunk)
+                        self._check_size(received.bytes)
+                        out.write(chunk)
+                        digest.update(chunk)
+        except requests.exceptions.SSLError as e:
+            raise FetchError(f"TLS: the archive's server is not trusted (REQUESTS_CA_BUNDLE names a private CA): "
+                             f"{_first_line(e)}") from None
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+            error = f"{type(e).__name__}: {_first_line(e)}"
+            raise FetchError(f"the download broke off after {received.bytes} bytes: {error}") from None
+        if expected and received.bytes != expected:
+            raise FetchError(f"the download broke off after {received.bytes} of {expected} bytes")
+        extract(archive, incoming / "adapter", self.budget)
+        archive.unlink()
+        return digest.hexdigest()
+
+    def _s3(self) -> Any:
+        with self._s3_lock:
+            if self._s3_client is None:
+                try:  # here, not at the top: boto3 costs 40 MB resident, and most sidecars never use it
+                    import boto3
+                    from botocore.config import Config
+                except ImportError:
+                    raise FetchError("s3:// sources need boto3: pip install -r requirements-s3.txt, or the "
+                                     "image built with --build-arg WITH_S3=1", permanent=True) from None
+                # Endpoint, region and credentials: boto3's standard chain (AWS_* variables, config
+                # files, web identity tokens, instance roles).
+                self._s3_client = boto3.session.Session().client("s3", config=Config(
+                    connect_timeout=self.request_timeout, read_timeout=self.request_timeout,
+                    retries={"max_attempts": 3, "mode": "standard"}))
+            return self._s3_client
+
+    def _fetch_prefix(self, source: str, into: Path, deadline: float, received: Received) -> str:
+        s3 = self._s3()
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, _, prefix = source.removeprefix("s3://").partition("/")
+        prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+        files = {}
+        try:
+            pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            keys = {safe_relative(o["Key"][len(prefix):], "the object key", strict=True): (o["Key"], o["Size"])
+                    for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")}
+            if not keys:
+                raise FetchError(f"no objects under {source}", permanent=True)
+            self._check_size(sum(object_size for _, object_size in keys.values()))
+            for relative, (key, _) in sorted(keys.items()):
+                target, digest = into / relative, hashlib.sha256()
+                target.parent.mkdir(parents=True, exist_ok=True)
+                body = s3.get_object(Bucket=bucket, Key=key)["Body"]
+                with target.open("wb") as out:
+                    for chunk in body.iter_chunks(DOWNLOAD_CHUNK):
+                        self._check_deadline(deadline)
+                        received.bytes += len(chunk)
+                        out.write(chunk)
+                        digest.update(chunk)
+                files[relative] = digest.hexdigest()
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", "?"))
+            raise FetchError(f"S3 answered {code}: {_first_line(e)}",
+                             permanent=code in ("NoSuchBucket", "NoSuchKey", "AccessDenied", "403", "404")) from None
+        except BotoCoreError as e:
+            raise FetchError(f"S3: {_first_line(e)}") from None
+        return tree_digest(files)
+
+
 # ------------------------------------------------- decisions: plan, per-adapter rules, readiness
 
 
@@ -1009,6 +1481,7 @@ class AdapterRecord:
     canary_due: bool = False  # seen loaded after a change: prove it works
     proof: dict[str, Any] | None = None  # the last canary's result, for /status
     lost: int = 0  # times it vanished from the server without the sidecar's unload
+    download: dict[str, Any] | None = None  # a remote source's last download, for /status
 
     def is_serving(self) -> bool:
         return self.wanted and self.unconfirmed is None and self.state in (State.LOADED, State.INERT)
@@ -1024,8 +1497,9 @@ class AdapterRecord:
         if skip_reason:
             self.state, self.last_error, self.doubts = State.SKIPPED, None, 0
         elif not planned:
-            if unconfirmed in (Op.LOAD, Op.RELOAD):
-                self.canary_due, self.proof = self.adapter.canary is not None, None
+            # Listed as wanted and not proven yet: after a load, a new canary setting, or a restart
+            # of the sidecar that found it loaded (a verdict is not kept across restarts).
+            self.canary_due = self.wanted and self.adapter.canary is not None and self.proof is None
             if self.state is not State.INERT or unconfirmed:
                 self.state = State.LOADED if self.wanted else State.ABSENT
             self.failures, self.retry_at, self.last_error, self.permanent, self.doubts = 0, None, None, False, 0
@@ -1041,6 +1515,15 @@ class AdapterRecord:
                 self.state = State.PENDING
         return Seen.NOTHING
 
+    def use_canary(self, adapter: Adapter) -> None:
+        """The entry's canary settings changed: a verdict under the old ones no longer holds, so a
+        loaded adapter is proven again (a new prompt is how a wrong `inert` is put right)."""
+        if adapter.canary == self.adapter.canary:
+            return
+        self.adapter, self.proof = adapter, None  # the next model list makes it due (observe)
+        if self.state is State.INERT:
+            self.state = State.LOADED
+
     def take_proof(self, result: str, seconds: float, detail: str | None) -> None:
         """A canary's verdict: verified, inert (the base model's text) or unavailable."""
         self.canary_due = False
@@ -1050,15 +1533,16 @@ class AdapterRecord:
         elif self.state is State.INERT:
             self.state = State.LOADED
 
-    def succeed(self, op: Op) -> bool:
-        """An answer of 200. False while this server has answered 200 to no effect before: the
-        failure stands until /v1/models agrees."""
+    def succeed(self, op: Op, source: str | None = None) -> bool:
+        """An answer of 200 (to a load from `source`, a remote adapter's folder). False while this
+        server has answered 200 to no effect before: the failure stands until /v1/models agrees."""
         self.last_action, self.unconfirmed = op, op
         if self.doubts and self.state is State.FAILED:
             return False
         self.failures, self.retry_at, self.last_error, self.permanent = 0, None, None, False
         self.state = State.ABSENT if op is Op.UNLOAD else State.LOADED
-        self.observed_source = None if op is Op.UNLOAD else self.adapter.source
+        self.observed_source = None if op is Op.UNLOAD else source or self.adapter.source
+        self.proof = None  # a verdict on what was there before
         return True
 
     def fail(self, error: str, now: float, period: float, permanent: bool = False) -> bool:
@@ -1094,6 +1578,7 @@ class AdapterRecord:
             "next_retry": iso_time(self.retry_at),
             "canary": self.proof,
             "lost": self.lost,
+            "download": self.download,
         }
 
 
@@ -1143,8 +1628,10 @@ class Reconciler:
     """One cycle at a time: read the server, plan, send what is due, record every answer. The only
     code that changes the server; it remembers per-adapter backoff between cycles."""
 
-    def __init__(self, client: VLLMClient, period: float, health_check_timeout: float) -> None:
+    def __init__(self, client: VLLMClient, period: float, health_check_timeout: float,
+                 store: AdapterStore | None = None) -> None:
         self.client = client
+        self.store = store or AdapterStore(None)
         self.period = period
         self.health_check_timeout = health_check_timeout
         self.records: dict[str, AdapterRecord] = {}
@@ -1181,21 +1668,65 @@ class Reconciler:
         return self.period if self.server_up else health_check_interval
 
     def _cycle(self, desired: DesiredState, now: float) -> CycleResult:
-        if not self.server_up and not self._check_health(now):
-            return CycleResult.stopped(f"vLLM is not healthy: {self.server_error}", unreachable=True)
-        try:
-            server = self.client.server_state()
-        except ServerUnreachable as e:
-            return self._unanswered(e)
-        except ServerError as e:
-            return CycleResult.stopped(str(e))
-        actions = plan(desired, server)
-        self._observe(server, actions, now)
+        server = self._read_server(desired, now)
+        if isinstance(server, CycleResult):
+            return server
+        local, fetching = self._stage(desired, server, now)
+        actions = plan(local, server)
+        self._observe(server, actions, now, fetching)
         result = self._execute(actions, now)
+        if fetching:
+            result = replace(result, in_sync=False)  # not while an adapter still waits for its files
         if result.completed:
             self._prove(server)
             self.ready = self.ready or is_ready(self.records)
         return result
+
+    def _read_server(self, desired: DesiredState, now: float) -> ServerState | CycleResult:
+        """What the server lists, or why this cycle stops; either way the store learns whether it
+        may delete anything."""
+        server: ServerState | CycleResult
+        if not self.server_up and not self._check_health(now):
+            server = CycleResult.stopped(f"vLLM is not healthy: {self.server_error}", unreachable=True)
+        else:
+            try:
+                server = self.client.server_state()
+            except ServerUnreachable as e:
+                server = self._unanswered(e)
+            except ServerError as e:
+                server = CycleResult.stopped(str(e))
+        self.store.observe(desired, None if isinstance(server, CycleResult) else server)
+        return server
+
+    def _stage(self, desired: DesiredState, server: ServerState, now: float) -> tuple[DesiredState, set[str]]:
+        """Remote sources: record the downloads that finished, start those due, and point each
+        staged adapter at its folder. Returns that desired state and the adapters still fetching."""
+        for download in self.store.finished():
+            self._record_download(download, now)
+        local, fetch = localize(desired, server, self.store.root, {f.name for f in self.store.staged()})
+        for adapter in fetch:
+            record = self.records[adapter.id]
+            if record.is_due(now) and (record.download or {}).get("state") != "downloading":
+                record.download = {"state": "downloading", "bytes": 0, "seconds": None, "sha256": None}
+                self.store.start(adapter)
+        return local, {adapter.id for adapter in fetch}
+
+    def _record_download(self, download: Download, now: float) -> None:
+        DOWNLOADS.labels("error" if download.error else "success").inc()
+        DOWNLOAD_SECONDS.observe(download.seconds)
+        record = self.records.get(download.adapter.id)
+        if record is None or version_folder(download.folder.parent, record.adapter) != download.folder:
+            return  # the config moved on to another version while this one downloaded
+        record.download = download.status()
+        fields = {"adapter": download.adapter.id, "action": "download", "bytes": download.bytes,
+                  "duration_s": round(download.seconds, 4), "sha256": download.sha256,
+                  "source": download.adapter.source}
+        if download.error is None:
+            log.info(f"download done: {download.adapter.id}", folder=str(download.folder), **fields)
+            return
+        record.last_action = Op.DOWNLOAD
+        if record.fail(str(download.error), now, self.period, download.error.permanent):
+            self._report_failure(record, Op.DOWNLOAD, now, fields)
 
     def _check_health(self, now: float) -> bool:
         """Check /health once; say so once if the server stays away past the health-check timeout."""
@@ -1316,7 +1847,7 @@ class Reconciler:
         fields = {**self._fields(action, attempt.seconds), "result": result}
         if outcome.ok:
             log.info(f"{action.op.value} done: {action.adapter.id}", **fields)
-            return record.succeed(action.op)
+            return record.succeed(action.op, action.adapter.source)
         record.last_action = action.op
         error = outcome.message if outcome.timed_out else f"{outcome.status}: {outcome.message}"
         if record.fail(error, now, self.period, outcome.permanent):
@@ -1341,16 +1872,20 @@ class Reconciler:
         for adapter_id in set(self.records) - set(wanted):
             del self.records[adapter_id]
             self._said.clear(("skip", adapter_id))
+            self._said.clear(("canary unavailable", adapter_id))
         for adapter_id, (adapter, keep) in wanted.items():
             record = self.records.get(adapter_id)
-            if record is None or record.adapter != adapter or record.wanted != keep:
-                self.records[adapter_id] = AdapterRecord(adapter, keep)  # a changed entry resets its backoff
+            if record and record.wanted == keep and replace(record.adapter, canary=adapter.canary) == adapter:
+                record.use_canary(adapter)  # the same files: prove them again, no reload
+            elif record is None or record.adapter != adapter or record.wanted != keep:
+                # a changed entry resets its backoff; what it went through stays counted
+                self.records[adapter_id] = AdapterRecord(adapter, keep, lost=record.lost if record else 0)
 
-    def _observe(self, server: ServerState, actions: Plan, now: float) -> None:
+    def _observe(self, server: ServerState, actions: Plan, now: float, fetching: Collection[str] = ()) -> None:
         """Each record takes in what the server lists, before any action changes it; and what
         changed behind the sidecar's back is reported: adapters lost, adapters foreign."""
         skipped = {skip.adapter.id: skip.reason for skip in actions.skipped}
-        planned = {action.adapter.id for action in actions.actions}
+        planned = {action.adapter.id for action in actions.actions} | set(fetching)
         serving = sum(r.is_serving() for r in self.records.values())
         lost = []
         for adapter_id, record in self.records.items():
@@ -1386,35 +1921,54 @@ class Reconciler:
         FOREIGN.set(len(foreign))
 
     def _prove(self, server: ServerState) -> None:
-        """The canary of each adapter just seen loaded after a change; never while nothing changes."""
-        base_texts: dict[tuple[str, int], str] = {}  # one base-model completion per prompt per cycle
-        for record in [r for r in self.records.values() if r.canary_due]:
-            canary, adapter_id, started = record.adapter.canary, record.adapter.id, clock()
-            assert canary is not None  # canary_due is only ever set for an adapter with a canary
+        """The canary of each adapter loaded without a verdict yet; never while nothing changes. The
+        base model answers once per prompt, then the adapters a few at a time, as loads go."""
+        due = [r for r in self.records.values() if r.canary_due]
+        if not due:
+            return
+        base_texts: dict[tuple[str, int], str | CanaryUnavailable] = {}
+        for canary in {r.adapter.canary for r in due if r.adapter.canary}:
             try:
                 if not server.base_models:
                     raise CanaryUnavailable("the server lists no base model to compare with")
-                key = (canary.prompt, canary.max_tokens)
-                if key not in base_texts:
-                    base_texts[key] = self.client.complete(server.base_models[0], canary)
-                text = self.client.complete(adapter_id, canary)
+                base_texts[canary.prompt, canary.max_tokens] = self.client.complete(server.base_models[0], canary)
+            except CanaryUnavailable as e:  # said once for every adapter that needed it, not asked again
+                base_texts[canary.prompt, canary.max_tokens] = e
+
+        def prove(record: AdapterRecord) -> tuple[str, float, str | None]:
+            canary, started = record.adapter.canary, clock()
+            assert canary is not None  # canary_due is only ever set for an adapter with a canary
+            base = base_texts[canary.prompt, canary.max_tokens]
+            try:
+                if isinstance(base, CanaryUnavailable):
+                    raise base
+                text = self.client.complete(record.adapter.id, canary)
             except CanaryUnavailable as e:
-                result, detail = "unavailable", str(e)
-            else:
-                result = "inert" if text == base_texts[key] else "verified"
-                detail = f"{adapter_id} and {server.base_models[0]} answer {text!r}" if result == "inert" else None
-            seconds = clock() - started
-            record.take_proof(result, seconds, detail)
-            CANARIES.labels(result).inc()
-            CANARY_SECONDS.observe(seconds)
-            if result == "verified":
-                log.info(f"verified: {adapter_id} answers unlike its base model", adapter=adapter_id,
-                         duration_s=round(seconds, 4))
-            elif result == "inert":
-                log.warning(f"inert: {adapter_id} answers as its base model does", adapter=adapter_id,
-                            duration_s=round(seconds, 4), error=detail)
-            elif self._said.changed("canary unavailable", detail):
-                log.warning(f"canary skipped: {adapter_id} cannot be proven here", adapter=adapter_id, error=detail)
+                return "unavailable", clock() - started, str(e)
+            if text == base:
+                return "inert", clock() - started, f"{record.adapter.id} and {server.base_models[0]} answer {text!r}"
+            return "verified", clock() - started, None
+
+        with ThreadPoolExecutor(max_workers=min(MAX_REQUESTS_IN_FLIGHT, len(due))) as pool:
+            verdicts = list(pool.map(prove, due))
+        for record, (result, seconds, detail) in zip(due, verdicts, strict=True):
+            self._report_proof(record, result, seconds, detail)
+
+    def _report_proof(self, record: AdapterRecord, result: str, seconds: float, detail: str | None) -> None:
+        adapter_id = record.adapter.id
+        record.take_proof(result, seconds, detail)
+        CANARIES.labels(result).inc()
+        CANARY_SECONDS.observe(seconds)
+        if result == "verified":
+            log.info(f"verified: {adapter_id} answers unlike its base model", adapter=adapter_id,
+                     duration_s=round(seconds, 4))
+        elif result == "inert":
+            log.warning(f"inert: {adapter_id} answers as its base model does", adapter=adapter_id,
+                        duration_s=round(seconds, 4), error=detail)
+        elif self._said.changed(("canary unavailable", adapter_id), detail):
+            log.warning(f"canary skipped: {adapter_id} cannot be proven here", adapter=adapter_id, error=detail)
+        if result != "unavailable":
+            self._said.clear(("canary unavailable", adapter_id))
 
     def _report_skip(self, record: AdapterRecord, reason: str | None) -> None:
         """Say once why an adapter is not loaded here, and once when that no longer holds."""
@@ -1726,6 +2280,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the plan, change nothing, exit: 0 in sync, 1 changes needed, 2 invalid config")
     modes.add_argument("--validate", dest="mode", action="store_const", const="validate",
                        help="check the config file only (no network): exit 0, or 2 with every error")
+    modes.add_argument("--digest", metavar="DIR", type=Path,
+                       help="print the sha256 that pins an adapter folder uploaded under an s3:// prefix, and exit")
     parser.add_argument("--version", action="version", version=f"lora-sidecar {VERSION}")
     parser.set_defaults(mode="run")
     return parser
@@ -1754,8 +2310,12 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     except argparse.ArgumentError as e:  # name the variable too, where the value came from one
         envs = [env for name, env, _ in FLAGS if name == e.argument_name and env in os.environ]
         parser.error(f"{e}" + "".join(f" ({env}={os.environ[env]!r})" for env in envs))
-    if min(args.reconcile_trigger, args.watch_interval, args.request_timeout, args.load_timeout) <= 0:
-        parser.error("--reconcile-trigger, --watch-interval, --request-timeout and --load-timeout must be positive")
+    if min(args.reconcile_trigger, args.watch_interval, args.request_timeout, args.load_timeout,
+           args.download_timeout) <= 0:
+        parser.error("--reconcile-trigger, --watch-interval, --request-timeout, --load-timeout and --download-timeout "
+                     "must be positive")
+    if args.adapter_dir_max_bytes < 0:
+        parser.error("--adapter-dir-max-bytes must be 0 (no budget) or more")
     return Settings(
         config_path=Path(args.config),
         health_check_timeout=args.health_check_timeout,
@@ -1770,7 +2330,11 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         api_key=read_api_key(parser, args.api_key_file),
         log_level=args.log_level,
         log_format=args.log_format,
-        mode=args.mode,
+        mode="digest" if args.digest else args.mode,
+        adapter_dir=Path(args.adapter_dir) if args.adapter_dir else None,
+        adapter_dir_max_bytes=args.adapter_dir_max_bytes,
+        download_timeout=args.download_timeout,
+        digest_of=args.digest,
     )
 
 
@@ -1803,10 +2367,24 @@ def validate_only(settings: Settings) -> int:
     return 0
 
 
-def plan_lines(actions: Plan) -> list[str]:
-    lines = [f"{a.op.value:<7} {a.adapter.id}  source={a.adapter.source}  ({a.reason})" for a in actions.actions]
+def plan_lines(actions: Plan, fetch: Sequence[Adapter] = ()) -> list[str]:
+    lines = [f"download {a.id}  source={a.source}  (not in --adapter-dir yet)" for a in fetch]
+    lines += [f"{a.op.value:<7} {a.adapter.id}  source={a.adapter.source}  ({a.reason})" for a in actions.actions]
     lines += [f"skip    {s.adapter.id}  ({s.reason})" for s in actions.skipped]
     return lines or ["in sync"]
+
+
+def print_digest(folder: Path) -> int:
+    if not folder.is_dir():
+        print(f"--digest {folder}: not a folder", file=sys.stderr)
+        return 2
+    print(folder_digest(folder))
+    return 0
+
+
+def adapter_store(settings: Settings) -> AdapterStore:
+    return AdapterStore(settings.adapter_dir, settings.adapter_dir_max_bytes, settings.request_timeout,
+                        settings.download_timeout)
 
 
 def run_one_shot(settings: Settings, client: VLLMClient) -> int:
@@ -1820,23 +2398,34 @@ def run_one_shot(settings: Settings, client: VLLMClient) -> int:
     if not wait_for_health(client, settings.health_check_timeout, settings.health_check_interval):
         log.error("vLLM is not healthy", server=desired.server_url, waited_s=settings.health_check_timeout)
         return 1
+    store = adapter_store(settings)
     try:
         if settings.mode == "once":
-            Reconciler(client, settings.reconcile_period, settings.health_check_timeout).reconcile(desired)
-        actions = plan(desired, client.server_state())
+            reconciler = Reconciler(client, settings.reconcile_period, settings.health_check_timeout, store)
+            reconciler.reconcile(desired)
+            deadline = clock() + settings.download_timeout
+            while store.busy() and clock() < deadline:  # load what the downloads bring
+                store.wait(deadline - clock())
+                reconciler.reconcile(desired)
+        server = client.server_state()
     except (ServerUnreachable, ServerError) as e:
         log.error("cannot read the server's adapters", error=str(e))
         return 1
-    print(mask("\n".join(plan_lines(actions))))
-    return 0 if not actions.actions else 1
+    local, fetch = localize(desired, server, store.root, {f.name for f in store.staged()})
+    actions = plan(local, server)
+    print(mask("\n".join(plan_lines(actions, fetch))))
+    return 0 if not actions.actions and not fetch else 1
 
 
 def run_forever(settings: Settings, client: VLLMClient) -> int:
     config = ConfigSource(settings.config_path, settings.config_validation)
-    reconciler = Reconciler(client, settings.reconcile_period, settings.health_check_timeout)
+    store = adapter_store(settings)
+    reconciler = Reconciler(client, settings.reconcile_period, settings.health_check_timeout, store)
     liveness = client.liveness
     prom.REGISTRY.register(AdapterMetrics(reconciler))
     stop, nudge = threading.Event(), threading.Event()
+    store.wake = nudge.set
+    store.remove_leftovers()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: (stop.set(), nudge.set()))
     signal.signal(signal.SIGHUP, lambda *_: nudge.set())  # re-read the config and reconcile now
@@ -1877,6 +2466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if settings.mode == "validate":
         return validate_only(settings)
+    if settings.digest_of:
+        return print_digest(settings.digest_of)
     client = VLLMClient(requests.Session(), settings.request_timeout, settings.api_key, settings.load_timeout,
                         Liveness(settings.alive_window))
     if settings.mode in ("once", "dry-run"):

@@ -1357,3 +1357,227 @@ def test_adapters_the_config_does_not_name_are_foreign_and_left_alone(client, mo
     assert r.status()["foreign"] == ["theirs"] and metric("lora_sidecar_foreign_adapters") == 1
     assert len([m for m in caplog.messages if m.startswith("foreign: theirs")]) == 1
     assert not [c for c in mocked.calls if c.request.method == "POST" and "theirs" in c.request.body.decode()]
+
+
+def test_a_new_canary_setting_proves_a_loaded_adapter_again_without_reloading_it(client, mocked):
+    r, asked = canary_cycles(client, mocked, {BASE: " same", "a1": " same"},
+                             replace(CANARY, inert_blocks_readiness=True))
+    assert r.records["a1"].state is State.INERT and not r.ready
+    r.records["a1"].lost = 2
+    mocked.get(MODELS, json=models_body(("a1", "/adapters/a1")))
+    new_prompt = replace(A1, canary=replace(CANARY, prompt="Ticket #1:", inert_blocks_readiness=True))
+    r.reconcile(desired_for(new_prompt))  # the README's cure for a wrong `inert`: a prompt of the adapter's own
+    record = r.records["a1"]
+    assert asked == [BASE, "a1", BASE, "a1"] and record.canary_due is False and record.lost == 2
+    assert [c.request.url for c in mocked.calls].count(LOAD) == 1  # the same files: no reload
+    assert record.state is State.INERT and not r.ready  # still the base model's text: still inert
+
+
+def test_each_adapter_that_cannot_be_proven_says_so_once(client, mocked, caplog):
+    a1, a2 = replace(A1, canary=CANARY), replace(A2, canary=CANARY)
+    mocked.get(MODELS, json=models_body())
+    mocked.get(MODELS, json=models_body(("a1", "/adapters/a1"), ("a2", "/adapters/a2")))
+    plain_text(mocked, "POST", LOAD, 200, "Success")
+    completions_by_model(mocked, {BASE: 404, "a1": " x", "a2": " y"})
+    r = reconciler(client)
+    with caplog.at_level(logging.WARNING, logger="lora-sidecar"):
+        for _ in range(3):
+            r.reconcile(desired_for(a1, a2))
+    assert sorted(m.split(":")[1].split()[0] for m in caplog.messages if m.startswith("canary skipped")) == [
+        "a1", "a2"]
+
+
+def test_a_restarted_sidecar_proves_the_adapters_it_finds_loaded(client, mocked):
+    mocked.get(MODELS, json=models_body(("a1", "/adapters/a1")))  # loaded before this sidecar started
+    asked = completions_by_model(mocked, {BASE: " same", "a1": " same"})
+    r = reconciler(client)
+    a1 = replace(A1, canary=replace(CANARY, inert_blocks_readiness=True))
+    for _ in range(3):
+        r.reconcile(desired_for(a1))
+    assert asked == [BASE, "a1"] and r.records["a1"].state is State.INERT and not r.ready
+
+
+def test_a_base_model_that_cannot_answer_is_asked_once_per_round(client, mocked):
+    adapters = [replace(Adapter(f"a{i}", f"/adapters/a{i}"), canary=CANARY) for i in range(4)]
+    mocked.get(MODELS, json=models_body(*[(a.id, a.source) for a in adapters]))
+    asked = completions_by_model(mocked, {BASE: 503})
+    r = reconciler(client)
+    r.reconcile(desired_for(*adapters))
+    assert asked == [BASE]
+    assert {r.records[a.id].proof["result"] for a in adapters} == {"unavailable"}
+    assert all("answered 503" in r.records[a.id].proof["detail"] for a in adapters)
+
+
+# ------------------------------------------------------------ remote sources
+
+REMOTE = Adapter("a1", "s3://bucket/adapters/a1/", sha256="ab" * 32)
+
+
+def test_a_version_folder_is_named_by_id_and_pinned_digest_else_by_source(tmp_path):
+    assert sidecar.version_folder(tmp_path, REMOTE) == tmp_path / f"a1@{'ab' * 8}"
+    unpinned = Adapter("org/a 1", "https://h/a.tar.gz")
+    other = replace(unpinned, source="https://h/b.tar.gz")
+    assert sidecar.version_folder(tmp_path, unpinned).name.startswith("org_a_1@")
+    assert sidecar.version_folder(tmp_path, unpinned) != sidecar.version_folder(tmp_path, other)
+    assert sidecar.VERSION_FOLDER.fullmatch(sidecar.version_folder(tmp_path, Adapter("x" * 256, "s3://b/p")).name)
+
+
+def test_localize_points_staged_versions_at_their_folder_and_holds_back_the_rest(tmp_path):
+    local = Adapter("local", "/models/a")
+    staged = Adapter("staged", "https://h/s.tar.gz")
+    missing = Adapter("missing", "s3://b/m/")
+    elsewhere = Adapter("elsewhere", "s3://b/e/", base_model="other")
+    desired = DesiredState("h", 8000, "http", ensure_exist=(local, staged, missing, elsewhere))
+    server = ServerState(base_models=("base",))
+    folder = sidecar.version_folder(tmp_path, staged)
+    result, fetch = sidecar.localize(desired, server, tmp_path, {folder.name})
+    assert result.ensure_exist == (local, replace(staged, source=str(folder)), elsewhere)
+    assert fetch == (missing,)
+    # no --adapter-dir: every remote source is fetched, and that fetch fails naming the flag
+    assert sidecar.localize(desired, server, None, {folder.name})[1] == (staged, missing)
+
+
+@pytest.mark.parametrize(("budget", "need", "expected"), [
+    (0, 0, ["old", "new"]),  # no budget: every version in no use goes
+    (1000, 0, []),  # within the budget: kept for a quick rollback
+    (250, 0, ["old"]),  # over it: oldest first, only as many as it takes
+    (300, 100, ["old"]),  # room for a download of 100 bytes
+    (300, 500, ["old", "new"]),  # cannot fit anyway: the caller says so
+])
+def test_evictions_take_unused_versions_oldest_first(budget, need, expected):
+    folders = [sidecar.VersionFolder("new", 100, 20.0), sidecar.VersionFolder("listed", 100, 1.0),
+               sidecar.VersionFolder("old", 100, 10.0)]
+    assert sidecar.evictions(folders, {"listed"}, budget, need) == expected
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/../../evil", "/etc/passwd", "\\\\host\\x", "C:/x"])
+def test_a_path_that_could_leave_the_folder_fails_the_download(name):
+    with pytest.raises(sidecar.FetchError, match="unsafe path") as caught:
+        sidecar.safe_relative(name, "archive")
+    assert caught.value.permanent
+
+
+def test_object_keys_with_empty_parts_are_refused_and_archive_names_are_cleaned():
+    assert sidecar.safe_relative("./top/adapter_config.json", "archive") == "top/adapter_config.json"
+    with pytest.raises(sidecar.FetchError, match="unsafe path in the object key"):
+        sidecar.safe_relative("a//adapter_config.json", "the object key", strict=True)
+
+
+def test_the_tree_digest_is_what_sha256sum_of_sha256sum_prints(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "sub" / "b").write_bytes(b"B")
+    lines = "".join(f"{sidecar.file_sha256(tmp_path / p)}  {p}\n" for p in ("adapter_config.json", "sub/b"))
+    assert sidecar.folder_digest(tmp_path) == sidecar.hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _tar(path, members):
+    import io
+    import tarfile
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _member(name, data=b"", kind=None):
+    import tarfile
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    if kind:
+        info.type, info.linkname, info.size = kind, "/etc/passwd", 0
+        return info, None
+    return info, data
+
+
+def test_an_archive_with_one_top_folder_unpacks_to_that_folder(tmp_path):
+    archive = _tar(tmp_path / "a.tar.gz", [_member("my-adapter/adapter_config.json", b'{"r": 8}'),
+                                           _member("my-adapter/weights", b"w")])
+    sidecar.extract(archive, tmp_path / "out", budget=0)
+    assert sidecar.adapter_root(tmp_path / "out") == tmp_path / "out" / "my-adapter"
+
+
+@pytest.mark.parametrize("member", [
+    _member("../evil", b"x"), _member("/tmp/evil", b"x"), _member("link", kind=b"2"), _member("hard", kind=b"1"),
+])
+def test_an_archive_entry_that_could_escape_fails_it(tmp_path, member):
+    archive = _tar(tmp_path / "a.tar.gz", [_member("adapter_config.json", b"{}"), member])
+    with pytest.raises(sidecar.FetchError, match="unsafe path in archive"):
+        sidecar.extract(archive, tmp_path / "out", budget=0)
+    assert not (tmp_path / "evil").exists()
+
+
+def test_a_zip_symlink_fails_it_and_a_zip_bomb_stops_at_the_budget(tmp_path):
+    import zipfile
+    link = zipfile.ZipInfo("link")
+    link.external_attr = (0o120777 << 16)
+    with zipfile.ZipFile(tmp_path / "l.zip", "w") as z:
+        z.writestr(link, "/etc/passwd")
+    with pytest.raises(sidecar.FetchError, match="link or device"):
+        sidecar.extract(tmp_path / "l.zip", tmp_path / "l", budget=0)
+    with zipfile.ZipFile(tmp_path / "b.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("adapter_config.json", b"0" * 10_000_000)
+    with pytest.raises(sidecar.FetchError, match="more than --adapter-dir-max-bytes"):
+        sidecar.extract(tmp_path / "b.zip", tmp_path / "b", budget=1_000_000)
+
+
+@pytest.mark.parametrize(("files", "error"), [
+    ({}, "no adapter_config.json"),
+    ({"adapter_config.json": b"[1]"}, "not a JSON object"),
+    ({"adapter_config.json": b"{"}, "unreadable"),
+])
+def test_a_download_without_a_readable_adapter_config_fails(tmp_path, files, error):
+    for name, data in {"weights": b"w", **files}.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(sidecar.FetchError, match=error):
+        sidecar.adapter_root(tmp_path)
+
+
+def test_credentials_and_signatures_in_urls_are_masked():
+    text = 'source="https://user:pw@h.example/a.tar.gz?X-Amz-Signature=abc&X-Amz-Credential=k" s3://b/p/'
+    assert sidecar.mask(text) == 'source="https://***@h.example/a.tar.gz?***" s3://b/p/'
+
+
+def test_the_sha256_pin_is_checked_by_the_schema(tmp_path):
+    config = """vLLMLoRAConfig:
+  ensureExist:
+    models:
+    - {id: a1, source: "s3://b/a1/", sha256: "ABC"}
+"""
+    with pytest.raises(ConfigError, match=r"models\[0\]\.sha256"):
+        parse_config(config.encode(), "c.yaml")
+    good = config.replace('"ABC"', '"' + "ab" * 32 + '"')
+    assert parse_config(good.encode(), "c.yaml").ensure_exist[0] == Adapter("a1", "s3://b/a1/", sha256="ab" * 32)
+
+
+def test_a_staged_version_is_loaded_from_its_folder_and_a_missing_one_keeps_the_old_serving(client, mocked, tmp_path):
+    old = sidecar.version_folder(tmp_path, REMOTE)
+    new = replace(REMOTE, sha256="cd" * 32)
+    old.mkdir()
+    mocked.get(MODELS, json=models_body(("a1", str(old))))
+    r = Reconciler(client, 5.0, 300, sidecar.AdapterStore(tmp_path))
+    r.server_up, r._server_url = True, URL
+    assert r.reconcile(desired_for(REMOTE)).in_sync  # the listed root is the staged folder: nothing to do
+    started = []
+    r.store.start = started.append  # the download itself is the process tests' (tests/test_remote_sources.py)
+    result = r.reconcile(desired_for(new))
+    assert started == [new] and not result.in_sync
+    assert [c.request.method for c in mocked.calls] == ["GET", "GET"]  # the old version is left serving
+    assert r.records["a1"].state == "pending" and r.records["a1"].download["state"] == "downloading"
+    assert old.is_dir()  # listed: never deleted
+    r.reconcile(desired_for(new))
+    assert started == [new]  # one download at a time per version
+
+
+def test_without_adapter_dir_a_remote_source_fails_naming_the_flag(client, mocked):
+    mocked.get(MODELS, json=models_body())
+    r = reconciler(client)
+    mocked.post(LOAD, body="Success")
+    r.reconcile(desired_for(REMOTE, A2))
+    r.store.wait(30)
+    r.reconcile(desired_for(REMOTE, A2))
+    record = r.records["a1"]
+    assert record.state == "failed" and "--adapter-dir" in record.last_error and record.permanent
+    assert record.last_action == "download"
+    loads = [json.loads(c.request.body)["lora_name"] for c in mocked.calls if c.request.url == LOAD]
+    assert set(loads) == {"a2"}  # the local adapter loads; nothing is sent for the remote one

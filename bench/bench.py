@@ -10,7 +10,7 @@ for the whole machine, so the bench compares it with its own time.monotonic() at
 rename or at Popen.
 
     make bench                                   # the table; JSON in bench/results/latest.json
-    make bench BENCH_ARGS=--no-vllm              # skip the real-vLLM row (saves ~1 min)
+    make bench BENCH_ARGS=--no-vllm              # skip the real-vLLM rows (saves ~2 min)
     make bench BENCH_ARGS="--only rollout,swap"  # some rows (steps) only
     make bench BENCH_ARGS=--profile              # py-spy profiles instead of the table
     BENCH_SIDECAR=/tmp/variant/sidecar.py make bench   # measure another copy
@@ -43,7 +43,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,6 +110,31 @@ FLOORS = {
     "rollout": "20 loads of 1.5 s in <= server time + 10 %, none timed out, /healthz 200 throughout: when the "
                "server applies slow loads one at a time, a load waiting its turn is not failed, and the "
                "liveness probe does not kill the sidecar in the middle of a rollout",
+    # The canary's time rows have no floor: they are the server's completion time (one maxTokens completion per
+    # adapter plus one through the base model per round: 0.1-0.3 s per adapter on the tiny CPU model, more on a
+    # busy 2-core machine), which says how big and how loaded the model is, not how good the sidecar is. What
+    # the sidecar decides is how many completions it sends, and that has a floor.
+    "canary_completions": "a canary round over N freshly loaded adapters sends N + 1 completions: one through each "
+                          "adapter, one through the base model for all of them (per prompt), none repeated while "
+                          "nothing changes, none with the canary off; each one is server time taken from real "
+                          "traffic",
+    # Remote sources. The download's seconds and MB/s have no floor: on this machine they measure moto (a
+    # pure-Python S3 server) and the harness's one-thread HTTPS server as much as the sidecar, all three on the
+    # same cores; in production they measure the network and the store. The boto3 client's RSS has none
+    # either: boto3 is what it is, and the sidecar's part is importing it only once an s3:// source is fetched,
+    # which the no-remote row (the idle_rss floor) checks.
+    "remote_overhead": "a remote adapter's config change to load, minus its download, <= 0.3 s (median): the watch "
+                       "sees a change within a 0.1 s tick and starts the download in that cycle, and a finished "
+                       "download wakes the loop at once, so its load is one cycle of loopback requests later; a "
+                       "sidecar that waited for its next 1 s period would exceed it",
+    "remote_rss_none": "in sync with --adapter-dir but no remote source, RSS <= 40 MB (the in-sync floor): boto3 "
+                       "(25-40 MB resident) and tarfile are imported only when a remote source is first fetched, so "
+                       "a sidecar without one pays nothing for them",
+    "remote_rss": "in sync with https:// sources loaded, RSS <= that with no remote source + 5 MB: an https:// "
+                  "source needs nothing beyond requests (already there) and tarfile (0.4 MB), and downloads "
+                  "stream in 1 MiB chunks, so a 50 MB adapter must not show in memory",
+    "remote_loads": "each downloaded adapter loaded exactly once, from its checked version folder, no download "
+                    "failed: the fake refuses a folder without adapter_config.json, as vLLM does",
     "swap": "a new version on vLLM 0.32 unavailable <= one load + 0.5 s, load_inplace left set on none: there "
             "load_inplace sticks and re-reads the files every engine step (1.3x slower completions on the real "
             "server), so the swap is an unload + load and the adapter is missing for one load",
@@ -159,9 +184,12 @@ def fake_adapters(count: int, prefix: str = "ad") -> dict[str, str]:
 class FakeServer:
     """tests/fake_vllm.py as a process; the request log and state through its /_fake/ routes."""
 
-    def __init__(self, load_delay: float = 0.0, version: str | None = None) -> None:
+    def __init__(self, load_delay: float = 0.0, version: str | None = None, accept_any_path: bool = True) -> None:
+        """`accept_any_path` False: a load needs a folder with an adapter_config.json, as on vLLM."""
         self.load_delay = load_delay
-        cmd = [PYTHON, str(FAKE), "--port", "0", "--accept-any-path", "--load-delay", str(load_delay)]
+        cmd = [PYTHON, str(FAKE), "--port", "0", "--load-delay", str(load_delay)]
+        if accept_any_path:  # any non-empty lora_path loads: rows with 1000 made-up adapters
+            cmd.append("--accept-any-path")
         if version is not None:  # what GET /version reports (the fake's default otherwise)
             cmd += ["--version-string", version]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
@@ -226,13 +254,15 @@ def proc_cpu(pid: int) -> CpuSample:
 class BenchSidecar(Sidecar):
     """tests/sidecar_process.Sidecar with the bench's command line: run as the image runs it
     (`python -m sidecar`), with the sidecar's own defaults (no FAST_FLAGS) but for the config, the
-    reconcile period, the log format and the metrics address; plus when it was started and /proc
-    readings of its CPU time and RSS. Leaving the `with` block sends SIGTERM and keeps the exit code
-    and the seconds the sidecar took to exit."""
+    reconcile period, the log format and the metrics address (and `args`, a row's own flags); plus when
+    it was started and /proc readings of its CPU time and RSS. Leaving the `with` block sends SIGTERM and
+    keeps the exit code and the seconds the sidecar took to exit."""
 
-    def __init__(self, config: Path, period: float, *, log_format: str = "text") -> None:
+    def __init__(self, config: Path, period: float, *, log_format: str = "text", args: Iterable[object] = (),
+                 env: Mapping[str, str] | None = None) -> None:
         super().__init__(["--config", config, "--reconcile-trigger", period, "--metrics-address", "127.0.0.1",
-                          "--log-format", log_format], fast=False, script=SIDECAR, as_module=True)
+                          "--log-format", log_format, *map(str, args)], env, fast=False, script=SIDECAR,
+                         as_module=True)
         self.exit_code: int | None = None
         self.stop_seconds: float | None = None
 
@@ -456,16 +486,40 @@ def vllm_unavailable() -> str | None:
 ACCESS_LINE = re.compile(r'"(GET|POST|PUT|DELETE) (/[^ ?"]*)[^"]*" (\d{3})')
 
 
-def bench_vllm(workdir: Path, count: int) -> dict[str, Any]:
+class RealVLLM:
+    """The real vLLM server of the real-vLLM rows (`e2e/vllm_server.py`): started by the first row that needs
+    it (its boot, 25-60 s, is reported, not counted), shared by the others, stopped at the end of the run.
+    Each row leaves it as it found it: its adapters unloaded."""
+
+    def __init__(self) -> None:
+        self.server: VLLMServer | None = None
+        self.boot_s: float | None = None
+
+    def get(self, workdir: Path) -> VLLMServer:
+        if self.server is None:
+            self.server = VLLMServer(MODELS / "base", log_path=workdir / "vllm.log")
+            began = time.monotonic()
+            self.server.start()
+            self.boot_s = round(time.monotonic() - began, 1)
+        return self.server
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def unload_all(server: VLLMServer, names: Iterable[str]) -> None:
+    for name in names:
+        server.request("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+
+
+def bench_vllm(workdir: Path, real: RealVLLM, count: int) -> dict[str, Any]:
     """`count` names for one adapter folder against the real vLLM of the e2e suite."""
     adapter = MODELS / "adapters" / "a1"
-    server = VLLMServer(MODELS / "base", log_path=workdir / "vllm.log")
-    began = time.monotonic()
-    server.start()
-    boot = time.monotonic() - began
+    server = real.get(workdir)
+    adapters = {f"bench-{i:03d}": str(adapter) for i in range(count)}
     try:
         conf = KubeletConfigDir(workdir / "vllm")
-        adapters = {f"bench-{i:03d}": str(adapter) for i in range(count)}
         conf.write(bench_config(server.port, adapters, server.served_model_name))
         log_offset = server.log_path.stat().st_size
         with BenchSidecar(conf.path, 5.0, log_format="json") as sidecar:
@@ -488,13 +542,13 @@ def bench_vllm(workdir: Path, count: int) -> dict[str, Any]:
                 access = ACCESS_LINE.findall(f.read().decode(errors="replace"))
             listed = [m for m in server.models().values() if m.get("parent")]
     finally:
-        server.stop()
+        unload_all(server, adapters)
     requests_by = Counter(f"{m} {p}" for m, p, _ in access)
     load_requests = requests_by.get(LOAD, 0)
     return {
         "adapters": count,
         "source": shown(adapter),
-        "server_boot_s": round(boot, 1),
+        "server_boot_s": real.boot_s,
         "seconds": round(last - sidecar.started_wall, 3),
         "first_load_done_s": round(stamps[0] - sidecar.started_wall, 3),
         "load_seconds_median": round(statistics.median(durations), 4),
@@ -506,6 +560,122 @@ def bench_vllm(workdir: Path, count: int) -> dict[str, Any]:
         "duplicate_loads": max(0, load_requests - count),
         "answers_400": sum(1 for _, _, s in access if s == "400"),
         "exit_code": sidecar.exit_code,
+    }
+
+
+# ------------------------------------------------------------------ the canary on the real vLLM
+
+# Folders the canary row cycles through: each answers unlike the base model (e2e/build_model.py checks it).
+CANARY_FOLDERS = ("a1", "a2", "a3", "a1v2")
+
+
+def log_time(line: dict[str, Any]) -> float:
+    """A JSON log line's `ts` as a Unix time (millisecond resolution)."""
+    return datetime.strptime(line["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+def canary_run(server: VLLMServer, workdir: Path, label: str, count: int, period: float,
+               canary: bool) -> dict[str, Any]:
+    """One sidecar converging `count` fresh names on the real server, the canary on or off: seconds from Popen
+    to /readyz 200 (with the canary on, that is after every adapter's verdict), what /status says of each
+    canary, and the completions vLLM's access log saw. The names are unloaded afterwards."""
+    names = {f"{label}-{i:02d}": str(MODELS / "adapters" / CANARY_FOLDERS[i % len(CANARY_FOLDERS)])
+             for i in range(count)}
+    conf = KubeletConfigDir(workdir / label)
+    extra = {"canary": {"enabled": True}} if canary else {}
+    conf.write(lora_config(server.port, names, name="bench", defaultBaseModel=server.served_model_name, **extra))
+    log_offset = server.log_path.stat().st_size
+    try:
+        with BenchSidecar(conf.path, period, log_format="json") as sidecar:
+            wait_until(lambda: not sidecar.running or sidecar.readyz() == 200, 120, 0.02,
+                       lambda: f"{label}: /readyz 200\n{sidecar.log_tail()}")
+            ready, ready_wall = time.monotonic() - sidecar.started, time.time()
+            if not sidecar.running:
+                raise BenchError(f"{label}: the sidecar exited:\n{sidecar.log_tail()}")
+            status = sidecar.status()["adapters"]
+            # two more cycles in sync, so a canary repeated while nothing changes shows in the access log
+            cycles = sidecar.metrics().total("lora_sidecar_reconcile_total")
+            wait_until(lambda: sidecar.metrics().total("lora_sidecar_reconcile_total") >= cycles + 2,
+                       5 * period + 10, 0.05, lambda: f"{label}: 2 more cycles\n{sidecar.log_tail()}")
+            lines = [json.loads(x) for x in sidecar.lines() if x.startswith("{")]
+        time.sleep(0.3)  # the last access line follows the answer
+        with open(server.log_path, "rb") as f:
+            f.seek(log_offset)
+            access = ACCESS_LINE.findall(f.read().decode(errors="replace"))
+    finally:
+        unload_all(server, names)
+    loaded = {x["adapter"]: log_time(x) for x in lines if x.get("action") == "load" and x.get("result") == "success"}
+    verdicts = {x["adapter"]: log_time(x) for x in lines
+                if str(x.get("msg", "")).startswith(("verified: ", "inert: ")) and x.get("adapter") in names}
+    proofs = {i: status[i]["canary"] for i in names}
+    since = sidecar.started_wall
+    return {
+        "canary": canary,
+        "ready_s": round(ready, 3),
+        # from Popen, by the log's clock: the first and the last load done, the last verdict
+        "loads_done_s": [round(min(loaded.values()) - since, 3), round(max(loaded.values()) - since, 3)],
+        "last_verdict_s": round(max(verdicts.values()) - since, 3) if verdicts else None,
+        # from the last load done to /readyz 200: the sidecar's start (0.8-4 s on a busy 2-core machine) left out
+        "loaded_to_ready_s": round(ready_wall - max(loaded.values()), 3),
+        "states": dict(Counter(status[i]["state"] for i in names)),
+        "results": dict(Counter((p or {}).get("result") for p in proofs.values())),
+        # in the order the sidecar proved them: the first one's seconds include the base model's completion
+        "canary_seconds": [proofs[i]["seconds"] for i in sorted((i for i in names if proofs[i]),
+                                                                key=lambda i: verdicts.get(i, 0.0))],
+        "loaded_to_verdict_s": sorted(round(verdicts[i] - loaded[i], 3) for i in verdicts if i in loaded),
+        "completions": sum(1 for m, path, _ in access if (m, path) == ("POST", "/v1/completions")),
+        "completions_non_200": sum(1 for m, path, code in access
+                                   if (m, path) == ("POST", "/v1/completions") and code != "200"),
+        "loads": sum(1 for m, path, _ in access if f"{m} {path}" == LOAD),
+    }
+
+
+def bench_canary(workdir: Path, real: RealVLLM, count: int, reps: int, period: float = 1.0) -> dict[str, Any]:
+    """What the canary costs on the real vLLM: `count` adapters converged with it off and on, `reps` times each,
+    alternately (so a burst of load elsewhere on the machine hits both), each time under fresh names."""
+    server = real.get(workdir)
+    # The first completions of a fresh server (and the first through a LoRA) pay a one-off warm-up of about
+    # 1 s on the CPU build; one of each here, so the runs measure the canary, not the server's first request.
+    status, body = server.request("POST", "/v1/load_lora_adapter",
+                                  {"lora_name": "warm-up", "lora_path": str(MODELS / "adapters" / "a1")})
+    if status != 200:
+        raise BenchError(f"warm-up load -> {status}: {body}")
+    for model in (server.served_model_name, "warm-up"):
+        status, text = server.complete(model)
+        if status != 200:
+            raise BenchError(f"warm-up completion through {model} -> {status}: {text}")
+    server.request("POST", "/v1/unload_lora_adapter", {"lora_name": "warm-up"})
+    runs = [canary_run(server, workdir, f"cn{rep}-{'on' if on else 'off'}", count, period, on)
+            for rep in range(reps) for on in (False, True)]
+    off = [r["loaded_to_ready_s"] for r in runs if not r["canary"]]
+    on = [r["loaded_to_ready_s"] for r in runs if r["canary"]]
+    seconds = [s for r in runs if r["canary"] for s in r["canary_seconds"]]
+    # the canary's own time per round: its completions, one after the other inside the reconcile cycle
+    canary_sums = [round(sum(r["canary_seconds"]), 3) for r in runs if r["canary"]]
+    return {
+        "adapters": count,
+        "reps": reps,
+        "period_s": period,
+        "server_boot_s": real.boot_s,
+        "loaded_to_ready_off_s": off,
+        "loaded_to_ready_on_s": on,
+        "loaded_to_ready_off_median_s": round(statistics.median(off), 3),
+        "loaded_to_ready_on_median_s": round(statistics.median(on), 3),
+        "extra_s": round(statistics.median(on) - statistics.median(off), 3),
+        "popen_to_ready_off_s": [r["ready_s"] for r in runs if not r["canary"]],
+        "popen_to_ready_on_s": [r["ready_s"] for r in runs if r["canary"]],
+        "canary_seconds_median": round(statistics.median(seconds), 3),
+        "canary_seconds_max": max(seconds),
+        "first_canary_seconds": [r["canary_seconds"][0] for r in runs if r["canary"] and r["canary_seconds"]],
+        "canary_round_s": canary_sums,
+        "canary_round_median_s": round(statistics.median(canary_sums), 3),
+        "loaded_to_verdict_median_s": round(statistics.median(
+            [s for r in runs if r["canary"] for s in r["loaded_to_verdict_s"]]), 3),
+        "results": dict(sum((Counter(r["results"]) for r in runs if r["canary"]), Counter())),
+        "completions_per_round": [r["completions"] for r in runs if r["canary"]],
+        "completions_off": sum(r["completions"] for r in runs if not r["canary"]),
+        "completions_non_200": sum(r["completions_non_200"] for r in runs),
+        "runs": runs,
     }
 
 
@@ -625,6 +795,134 @@ def bench_swap(workdir: Path, load_delay: float, poll_interval: float = 0.01) ->
     }
 
 
+# ------------------------------------------------------------------ remote sources: download and load
+
+MiB = 1024 * 1024  # the "MB" of these rows, as VmRSS is read (kB / 1024)
+
+
+def remote_unavailable() -> str | None:
+    """Why the remote-source row cannot run here (the test extras are missing), else None."""
+    missing = [m for m in ("boto3", "moto", "trustme") if importlib.util.find_spec(m) is None]
+    return f"{', '.join(missing)} not installed (pip install -r requirements-dev.txt)" if missing else None
+
+
+def remote_round(fake: FakeServer, sidecar: BenchSidecar, conf: KubeletConfigDir, models: list[dict[str, str]],
+                 name: str, source: str, sha256: str, timeout: float) -> dict[str, Any]:
+    """Add one remote adapter to the config (kubelet-style) and wait for its load. Seconds from the ..data
+    rename to the fake receiving the load (it answers at once: the folder it checks is there), the download's
+    own seconds and bytes from /status, and the sidecar's CPU over the round."""
+    models.append({"id": name, "source": source, "sha256": sha256})
+    cpu = sidecar.cpu()
+    written = conf.write(lora_config(fake.port, models, name="bench", defaultBaseModel="base"))
+    assert written is not None
+
+    def outcome() -> tuple[str, Any] | None:
+        if not sidecar.running:
+            return "exited", None
+        done = [e for e in fake.requests() if endpoint(e) == LOAD and e["body"].get("lora_name") == name]
+        if done:
+            return "loaded", done[0]
+        record = sidecar.status()["adapters"].get(name) or {}
+        return ("failed", record) if record.get("state") == "failed" else None
+
+    what, found = wait_until(outcome, timeout, 0.01, lambda: f"the load of {name}\n{sidecar.log_tail()}")
+    if what != "loaded" or found["status"] != 200:
+        raise BenchError(f"{name}: {what} {found}\n{sidecar.log_tail()}")
+    record = sidecar.wait_for(lambda: (r := sidecar.status()["adapters"][name])["state"] == "loaded" and r, 30,
+                              f"{name} loaded in /status")
+    cpu_s = sidecar.cpu().cpu_s - cpu.cpu_s
+    download, total = record["download"], found["t"] - written
+    return {
+        "adapter": name,
+        "seconds": round(total, 3),
+        "download_s": download["seconds"],
+        # the sidecar's own part: from the rename to the download's start, and from its end to the load
+        "overhead_s": round(total - download["seconds"], 3),
+        "bytes": download["bytes"],
+        "sha256_ok": download["sha256"] == sha256,
+        "download_mb_s": round(download["bytes"] / MiB / download["seconds"], 1),
+        "end_to_end_mb_s": round(download["bytes"] / MiB / total, 1),
+        "sidecar_cpu_s": round(cpu_s, 3),
+        "lora_path": shown(Path(found["body"]["lora_path"])),
+    }
+
+
+def remote_sidecar(workdir: Path, fake: FakeServer, kind: str, local: Path, env: Mapping[str, str],
+                   rounds: list[tuple[str, str]], idle_seconds: float) -> dict[str, Any]:
+    """A sidecar with --adapter-dir in sync with one local adapter; then each of `rounds` ((source, sha256)) added
+    as a new adapter, one after the other; then its idle cost with all of them loaded. No rounds: the idle
+    cost of a sidecar that never saw a remote source."""
+    fake.clear_adapters()
+    fake.reset()
+    conf = KubeletConfigDir(workdir / f"remote-{kind}")
+    adapter_dir = workdir / f"adapter-dir-{kind}"
+    adapter_dir.mkdir()
+    models = [{"id": f"{kind}-local", "source": str(local)}]
+    conf.write(lora_config(fake.port, models, name="bench", defaultBaseModel="base"))
+    with BenchSidecar(conf.path, 1.0, args=["--adapter-dir", adapter_dir], env=env) as sidecar:
+        wait_until(lambda: not sidecar.running or sidecar.status()["in_sync"], 30, 0.05,
+                   lambda: f"{kind}: in sync\n{sidecar.log_tail()}")
+        runs = [remote_round(fake, sidecar, conf, models, f"{kind}-{i}", source, sha256, 300)
+                for i, (source, sha256) in enumerate(rounds)]
+        sidecar.wait_for(lambda: sidecar.status()["in_sync"], 30, f"{kind}: in sync after the downloads")
+        names = loaded_names(fake.requests())
+        time.sleep(1.5)  # a couple of in-sync cycles first, as for the other idle windows
+        idle = idle_window(fake, sidecar, idle_seconds, 1.0)
+        metrics = sidecar.metrics()
+        listing = sorted(p.name for p in adapter_dir.iterdir())
+    return {
+        "runs": runs,
+        "idle": idle,
+        "load_requests": sum(names[m["id"]] for m in models[1:]),
+        "downloads": {r: metrics.total("lora_sidecar_downloads_total", result=r) for r in ("success", "error")},
+        "adapter_dir": listing,
+        "exit_code": sidecar.exit_code,
+    }
+
+
+def remote_summary(result: dict[str, Any]) -> dict[str, Any]:
+    runs = result["runs"]
+    pick = {key: [r[key] for r in runs] for key in ("seconds", "download_s", "overhead_s", "download_mb_s",
+                                                    "end_to_end_mb_s", "sidecar_cpu_s")}
+    return {
+        **{f"{key}_median": round(statistics.median(values), 3) for key, values in pick.items()},
+        **{f"{key}_all": values for key, values in pick.items()},
+        "bytes": runs[0]["bytes"],
+        "all_checked": all(r["sha256_ok"] for r in runs),
+    }
+
+
+def bench_remote(workdir: Path, size_mb: int, rounds: int, idle_seconds: float) -> dict[str, Any]:
+    """A `size_mb` MB adapter (adapter_config.json, `size_mb` MB of incompressible weights, one small nested
+    file) served from moto's S3 server as an s3:// prefix and from the local HTTPS server as a .tar.gz, each
+    downloaded `rounds` times under new ids by a sidecar of its own and loaded into the fake (which checks the
+    folder holds an adapter_config.json); a third sidecar, given --adapter-dir but no remote source, for its
+    idle RSS."""
+    import trustme  # the harness's extras: only this row needs them
+    from fake_vllm import make_adapter
+    from remote_sources import HttpsFiles, MotoS3, fill_adapter, make_ca_file, sha256_bytes, tar_gz, tree_digest
+
+    began = time.monotonic()
+    folder = fill_adapter(make_adapter(workdir / "remote-sources" / "big"), size_mb * MiB, seed="bench")
+    local = make_adapter(workdir / "remote-sources" / "local")
+    archive = tar_gz(folder)
+    ca = trustme.CA()
+    with MotoS3() as s3, HttpsFiles(ca, make_ca_file(ca, workdir)) as files, \
+            FakeServer(accept_any_path=False) as fake:
+        s3.create_bucket("bench")
+        sources = {
+            "s3": (s3.put_folder("bench", "big/v1/", folder), tree_digest(folder), s3.env),
+            "https": (files.put("/big.tar.gz", archive), sha256_bytes(archive), files.env),
+        }
+        prepared = round(time.monotonic() - began, 1)
+        results: dict[str, Any] = {"none": remote_sidecar(workdir, fake, "none", local, {}, [], idle_seconds)}
+        for kind, (source, sha256, env) in sources.items():
+            results[kind] = remote_sidecar(workdir, fake, kind, local, env, [(source, sha256)] * rounds, idle_seconds)
+            results[kind]["summary"] = remote_summary(results[kind])
+    return {"size_mb": size_mb, "rounds": rounds, "archive_bytes": len(archive), "prepare_s": prepared, **results}
+
+
+
 # ------------------------------------------------------------------------------ the table
 
 
@@ -660,7 +958,9 @@ ROW_FLOORS = (
     ("reaction_", "reaction"), ("idle5_rps", "idle_requests"), ("idle1000_rps", "idle_requests"),
     ("idle5_cpu", "idle_cpu"), ("idle1000_cpu", "idle_cpu"), ("idle5_rss", "idle_rss"), ("idle1000_rss", "idle_rss"),
     ("conv_seconds", "converge"), ("conv_", "loads"), ("vllm_", "loads"), ("cold_start", "cold_start"),
-    ("rollout_", "rollout"), ("swap_", "swap"),
+    ("rollout_", "rollout"), ("swap_", "swap"), ("canary_completions", "canary_completions"),
+    ("remote_rss_none", "remote_rss_none"), ("remote_rss_https", "remote_rss"), ("remote_loads", "remote_loads"),
+    ("remote_", "remote_overhead"),
 )
 
 
@@ -757,6 +1057,7 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
         rows.append(Row("swap_sticky", "version swap on vLLM 0.32: load_inplace left set", len(sticky), "", "0",
                         not sticky, "-", "a sticky load_inplace re-reads the files every engine step "
                         f"(1.3x slower on real vLLM 0.32); left set on {sticky or 'none'}"))
+    rows += remote_rows(results.get("remote"))
     v = results.get("vllm")
     if v and "skipped" in v:
         rows.append(Row("vllm_seconds", "real vLLM: converge 50 adapters", "skipped", "", "-", None, "-",
@@ -773,6 +1074,85 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
                         v["duplicate_loads"] == 0, "-"))
         rows.append(Row("vllm_400", f"real vLLM {n}: 400 answers", v["answers_400"], "", "0",
                         v["answers_400"] == 0, "-"))
+    k = results.get("canary")
+    if k and "skipped" in k:
+        rows.append(Row("canary_seconds", "real vLLM canary: seconds per adapter", "skipped", "", "-", None, "-",
+                        k["skipped"]))
+    elif k:
+        n = k["adapters"]
+        rows.append(Row("canary_seconds", "real vLLM canary: seconds per adapter, median", k["canary_seconds_median"],
+                        "s", "(info)", None, "-",
+                        f"canary.seconds in /status over {k['reps']} x {n} adapters (max {k['canary_seconds_max']}; "
+                        f"each round's first includes the base model's completion: {k['first_canary_seconds']}); "
+                        f"loaded to verdict (log) median {k['loaded_to_verdict_median_s']} s, "
+                        f"period {k['period_s']:g} s"))
+        rows.append(Row("canary_extra", f"real vLLM canary: extra time to ready, {n} adapters", k["extra_s"], "s",
+                        "(info)", None, "-",
+                        f"last load done to /readyz 200, median of {k['reps']}: "
+                        f"on {k['loaded_to_ready_on_median_s']} s {k['loaded_to_ready_on_s']}, "
+                        f"off {k['loaded_to_ready_off_median_s']} s {k['loaded_to_ready_off_s']}; the canary's own "
+                        f"completions {k['canary_round_median_s']} s a round {k['canary_round_s']}; Popen to ready "
+                        f"on {k['popen_to_ready_on_s']}, off {k['popen_to_ready_off_s']}; server boot "
+                        f"{k['server_boot_s']} s (not counted)"))
+        most = max(k["completions_per_round"])
+        rows.append(Row("canary_completions", f"real vLLM canary: completions per round of {n}", most, "",
+                        f"<= {n + 1} ({n} adapters + 1 base)",
+                        most <= n + 1 and k["completions_off"] == 0 and k["results"] == {"verified": k["reps"] * n},
+                        "-", f"per round {k['completions_per_round']}; with the canary off {k['completions_off']}; "
+                        f"non-200 {k['completions_non_200']}; verdicts {k['results']}"))
+    return rows
+
+
+REMOTE_LABELS = {"s3": "s3:// prefix (moto)", "https": "https:// .tar.gz"}
+
+
+def remote_rows(r: dict[str, Any] | None) -> list[Row]:
+    if not r:
+        return []
+    if "skipped" in r:
+        return [Row("remote_s3_seconds", "remote sources: download and load", "skipped", "", "-", None, "-",
+                    r["skipped"])]
+    rows, mb, n = [], r["size_mb"], r["rounds"]
+    for kind, label in REMOTE_LABELS.items():
+        x = r[kind]["summary"]
+        rows.append(Row(f"remote_{kind}_seconds", f"{mb} MB adapter from {label}: config change to loaded, median "
+                        f"of {n}", x["seconds_median"], "s", "(info)", None, "-",
+                        f"from the ..data rename to the fake's load request; runs {x['seconds_all']}; "
+                        f"{x['bytes']} bytes, {x['end_to_end_mb_s_median']} MB/s end to end"))
+        rows.append(Row(f"remote_{kind}_download", f"{mb} MB from {label}: the download itself, median",
+                        x["download_s_median"], "s", "(info)", None, "-",
+                        f"download.seconds in /status (fetch, sha256, {'unpack, ' if kind == 'https' else ''}"
+                        f"check, rename): runs {x['download_s_all']}"
+                        + ("; the first includes importing boto3 and making its client" if kind == "s3" else "")))
+        rows.append(Row(f"remote_{kind}_rate", f"{mb} MB from {label}: download rate, median",
+                        x["download_mb_s_median"], "MB/s", "(info)", None, "-",
+                        f"bytes / download.seconds: runs {x['download_mb_s_all']}; sidecar CPU per round "
+                        f"{x['sidecar_cpu_s_all']} s (the servers run on the same cores)"))
+        rows.append(Row(f"remote_{kind}_overhead", f"{mb} MB from {label}: the sidecar's time around the download",
+                        x["overhead_s_median"], "s", "<= 0.3 (median)", x["overhead_s_median"] <= 0.3, "-",
+                        f"config change to loaded minus the download: runs {x['overhead_s_all']}"))
+    none = r["none"]["idle"]["rss_mb"]
+    for kind, what in (("none", "no remote source"), ("https", f"{n} https:// sources loaded"),
+                       ("s3", f"{n} s3:// sources loaded")):
+        idle = r[kind]["idle"]
+        detail = (f"VmRSS, --adapter-dir given, in sync, 1 local adapter{'' if kind == 'none' else ' + ' + what}; "
+                  f"{rps_text(idle)}, CPU {idle['cpu_percent']} %")
+        if kind == "none":
+            rows.append(Row("remote_rss_none", f"in sync, {what}: RSS", none, "MB", "<= 40", none <= 40.0, "-", detail))
+        elif kind == "https":
+            rows.append(Row("remote_rss_https", f"in sync, {what}: RSS", idle["rss_mb"], "MB",
+                            f"<= {none + 5:.1f} (no remote + 5)", idle["rss_mb"] <= none + 5.0, "-",
+                            f"{idle['rss_mb'] - none:+.1f} MB over no remote source; {detail}"))
+        else:
+            rows.append(Row("remote_rss_s3", f"in sync, {what}: RSS", idle["rss_mb"], "MB", "(info: boto3)", None,
+                            "-", f"{idle['rss_mb'] - none:+.1f} MB over no remote source; {detail}"))
+    loads = {kind: r[kind]["load_requests"] for kind in REMOTE_LABELS}
+    errors = {kind: r[kind]["downloads"]["error"] for kind in REMOTE_LABELS}
+    checked = all(r[kind]["summary"]["all_checked"] and len(r[kind]["adapter_dir"]) == n for kind in REMOTE_LABELS)
+    rows.append(Row("remote_loads", f"remote: load requests for {2 * n} downloaded adapters", sum(loads.values()), "",
+                    f"{2 * n} loads, no failed download", sum(loads.values()) == 2 * n and not any(errors.values())
+                    and checked, "-", f"loads {loads}; failed downloads {errors}; sha256 in /status as pinned and "
+                    f"{n} version folders each: {checked}"))
     return rows
 
 
@@ -843,24 +1223,33 @@ def run_table(args: argparse.Namespace) -> int:
         ("rollout", lambda w: bench_rollout(w, args.rollout_adapters, args.rollout_load_delay)),
         ("swap", lambda w: bench_swap(w, args.rollout_load_delay)),
     ]
-    if args.vllm:
-        reason = vllm_unavailable()
-        if reason:
-            print(f"bench: real-vLLM row skipped: {reason}", flush=True)
-            results["vllm"] = {"skipped": reason}
-        else:
-            steps.append(("vllm", lambda w: bench_vllm(w, args.vllm_adapters)))
+    missing = remote_unavailable()
+    if missing:
+        print(f"bench: remote-source row skipped: {missing}", flush=True)
+        results["remote"] = {"skipped": missing}
     else:
-        results["vllm"] = {"skipped": "--no-vllm"}
+        steps.append(("remote", lambda w: bench_remote(w, args.remote_mb, args.remote_rounds, args.idle_seconds)))
+    real = RealVLLM()
+    reason = vllm_unavailable() if args.vllm else "--no-vllm"
+    if reason:
+        if args.vllm:
+            print(f"bench: real-vLLM rows skipped: {reason}", flush=True)
+        results["vllm"] = results["canary"] = {"skipped": reason}
+    else:
+        steps.append(("vllm", lambda w: bench_vllm(w, real, args.vllm_adapters)))
+        steps.append(("canary", lambda w: bench_canary(w, real, args.canary_adapters, args.canary_reps)))
     if args.only:
         wanted = set(args.only.split(","))
         steps = [(name, step) for name, step in steps if name in wanted]
     with tempfile.TemporaryDirectory(prefix="lora-bench-") as tmp:
-        for name, step in steps:
-            began = time.monotonic()
-            print(f"bench: {name} ...", end=" ", flush=True)
-            results[name] = step(Path(tmp))
-            print(f"{time.monotonic() - began:.1f} s", flush=True)
+        try:
+            for name, step in steps:
+                began = time.monotonic()
+                print(f"bench: {name} ...", end=" ", flush=True)
+                results[name] = step(Path(tmp))
+                print(f"{time.monotonic() - began:.1f} s", flush=True)
+        finally:
+            real.stop()
     info["loadavg_end"] = list(os.getloadavg())
     rows = build_rows(results)
     reference = load_reference()
@@ -1090,12 +1479,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-swaps", type=int, default=10, help="swaps of the large-config reaction row")
     parser.add_argument("--cold-reps", type=int, default=5, help="cold starts to take the median of")
     parser.add_argument("--vllm-adapters", type=int, default=50, help="adapters for the real-vLLM row")
-    parser.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip the real-vLLM row")
+    parser.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip the real-vLLM rows")
+    parser.add_argument("--canary-adapters", type=int, default=8, help="adapters of the real-vLLM canary row")
+    parser.add_argument("--canary-reps", type=int, default=3, help="rounds with the canary off and on, each")
     parser.add_argument("--rollout-adapters", type=int, default=20, help="adapters of the slow-load rollout row")
     parser.add_argument("--rollout-load-delay", type=float, default=1.5,
                         help="seconds each load takes on the fake in the rollout and version-swap rows")
+    parser.add_argument("--remote-mb", type=int, default=50, help="MB of weights in the remote-source row's adapter")
+    parser.add_argument("--remote-rounds", type=int, default=3, help="downloads from each remote source")
     parser.add_argument("--only", help="comma-separated steps: cold_start,reaction,reaction_1000,convergence,"
-                        "rollout,swap,vllm")
+                        "rollout,swap,remote,vllm,canary")
     parser.add_argument("--profile", action="store_true", help="py-spy profiles of convergence and idle instead")
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second (--profile)")
     parser.add_argument("--profile-idle-seconds", type=float, default=20.0, help="idle window under py-spy")

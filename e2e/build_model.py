@@ -11,6 +11,9 @@ Layout under OUT (default <repo>/.e2e/models, ignored by git):
     adapters/a1 a2 a3     LoRA r=8 on q_proj/v_proj, random A and B (each changes the output)
     adapters/a1v2         another r=8 adapter ("a new version of a1")
     adapters/big16        LoRA r=16 (rejected by a server run with --max-lora-rank 8)
+    adapters/inert        a real LoRA r=8 on q_proj/v_proj whose delta is exactly zero (peft's
+                          default init: random A, zero B): vLLM loads it and it answers as the
+                          base model does (the canary's "inert" case)
     adapters/not-an-adapter  a folder without adapter_config.json
     manifest.json         paths and the greedy texts transformers produced (for information)
     .stamp                written last; a second run with the same script returns at once
@@ -54,6 +57,8 @@ ADAPTERS = {
 }
 # Adapters whose greedy continuations must differ from the base model's and each other's.
 DISTINCT = ["a1", "a2", "a3", "a1v2"]
+# name -> (seed, rank): peft's own init (init_lora_weights=True), B = 0, so B @ A = 0 exactly.
+INERT = {"inert": (21, 8)}
 
 
 def script_digest() -> str:
@@ -108,7 +113,8 @@ def build_base(out: Path, tokenizer):
     return model
 
 
-def build_adapter(base_dir: Path, out: Path, seed: int, rank: int):
+def build_adapter(base_dir: Path, out: Path, seed: int, rank: int, inert: bool = False):
+    """A LoRA adapter for the base model in base_dir; inert: lora_B zero, so it changes nothing."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
@@ -121,12 +127,31 @@ def build_adapter(base_dir: Path, out: Path, seed: int, rank: int):
         target_modules=["q_proj", "v_proj"],
         lora_dropout=0.0,
         bias="none",
-        init_lora_weights=False,  # random A and B: the adapter really changes the output
+        # False: random A and B, the adapter really changes the output. True (peft's default):
+        # Kaiming A, zero B, so the delta B @ A is exactly zero (a trained-for-nothing adapter).
+        init_lora_weights=inert,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, cfg).eval()
     model.save_pretrained(out)
     return model
+
+
+def check_inert(folder: Path) -> None:
+    """The saved weights of an inert adapter: every lora_B exactly zero, the lora_A not (a real
+    adapter that does nothing, not an empty file); and targets present in both."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / "adapter_model.safetensors")
+    a = {k: t for k, t in tensors.items() if ".lora_A." in k}
+    b = {k: t for k, t in tensors.items() if ".lora_B." in k}
+    if not a or len(a) != len(b):
+        raise SystemExit(f"build_model: {folder.name}: expected lora_A/lora_B pairs, got {sorted(tensors)}")
+    nonzero_b = [k for k, t in b.items() if bool(t.count_nonzero())]
+    if nonzero_b:
+        raise SystemExit(f"build_model: {folder.name}: lora_B not zero in {nonzero_b}")
+    if not all(bool(t.count_nonzero()) for t in a.values()):
+        raise SystemExit(f"build_model: {folder.name}: a lora_A is zero too; expected peft's random A")
 
 
 def greedy(model, tokenizer, max_new_tokens: int = 8) -> str:
@@ -157,8 +182,8 @@ def build(out: Path) -> dict:
     texts = {"base": greedy(model, tokenizer)}
 
     final_base = out / "base"
-    for name, (seed, rank) in ADAPTERS.items():
-        peft_model = build_adapter(base_dir, adapters_dir / name, seed, rank)
+    for name, (seed, rank) in {**ADAPTERS, **INERT}.items():
+        peft_model = build_adapter(base_dir, adapters_dir / name, seed, rank, inert=name in INERT)
         texts[name] = greedy(peft_model, tokenizer)
         # base_model_name_or_path: the final local folder (the tmp folder is renamed
         # below), never a hub id. vLLM does not check it; it is for information.
@@ -179,13 +204,19 @@ def build(out: Path) -> dict:
                 f"{texts[name]!r}; change a seed"
             )
         seen[texts[name]] = name
+    for name in INERT:
+        check_inert(adapters_dir / name)
+        if texts[name] != texts["base"]:
+            raise SystemExit(f"build_model: the inert adapter {name} gives {texts[name]!r}, "
+                             f"the base model {texts['base']!r}")
 
     manifest = {
         "prompt": PROMPT,
         "base": str(final_base),
         "served_model_name": "tiny",
-        "adapters": {n: str(out / "adapters" / n) for n in [*ADAPTERS, "not-an-adapter"]},
-        "ranks": {n: r for n, (_, r) in ADAPTERS.items()},
+        "adapters": {n: str(out / "adapters" / n) for n in [*ADAPTERS, *INERT, "not-an-adapter"]},
+        "ranks": {n: r for n, (_, r) in {**ADAPTERS, **INERT}.items()},
+        "inert": sorted(INERT),
         "hf_greedy_texts": texts,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

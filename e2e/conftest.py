@@ -6,6 +6,7 @@
 - `vllm`: one server for the session (API key, free loopback port); most tests share it
   and use their own adapter names, so they do not see each other's adapters.
 - `vllm_factory`: servers of a test's own (restart, freeze), stopped at the end.
+- `s3_server`: moto's S3 server (tests/remote_sources.py) for the remote-source test, one per session.
 
 The sidecar side (kubelet-style config folder, the sidecar process) is the process tests' own
 harness, tests/kubelet.py and tests/sidecar_process.py (importable through pytest's `pythonpath`).
@@ -19,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from remote_sources import MotoS3  # standard library and requests: moto runs as a child process
 
 from e2e.vllm_server import (
     DEFAULT_PYTHON,
@@ -218,3 +220,15 @@ def own_vllm(_disposable_vllm):
     yield server
     if server.frozen:
         server.thaw()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server (tests/remote_sources.py), one child process for the session: the
+    remote-source test uploads a real adapter folder to it and gives the sidecar `s3_server.env`."""
+    try:
+        server = MotoS3().start()
+    except (RuntimeError, OSError) as e:
+        unavailable(f"moto's S3 server did not start ({e}): pip install -r requirements-dev.txt")
+    yield server
+    server.stop()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from kubelet import KubeletConfigDir
+from remote_sources import folder_size, tree_digest, version_dir
 from sidecar_process import Poller, Sidecar, configmap_manifest, lora_config, outages, run_sidecar, wait_until
 
 from e2e.conftest import failed, note_timing
@@ -66,12 +67,13 @@ def kube(tmp_path) -> KubeletConfigDir:
 
 @pytest.fixture
 def sidecars(request):
-    """sidecars(config_path, period=, api_key=, args=) -> a sidecar serving /healthz; all stopped at the end."""
+    """sidecars(config_path, period=, api_key=, args=, env=) -> a sidecar serving /healthz; all stopped at the end."""
     started: list[Sidecar] = []
 
-    def start(config_path: Path, *, period: float = PERIOD, api_key: str | None = None, args=()) -> Sidecar:
+    def start(config_path: Path, *, period: float = PERIOD, api_key: str | None = None, args=(),
+              env: dict[str, str] | None = None) -> Sidecar:
         sc = Sidecar(["--config", config_path, "--reconcile-trigger", period, *SIDECAR_FLAGS, *args],
-                     {"VLLM_API_KEY": api_key} if api_key else None, fast=False)
+                     {**(env or {}), **({"VLLM_API_KEY": api_key} if api_key else {})}, fast=False)
         started.append(sc)
         sc.start().wait_serving(15)
         return sc
@@ -254,9 +256,16 @@ def test_bad_adapters_do_not_block_good_ones(vllm, refs, adapters, kube, sidecar
 def test_reloads_everything_after_vllm_restart(own_vllm, refs, adapters, kube, sidecars, tmp_path):
     period = 2.0
     want = {"rs-a1": adapters / "a1", "rs-a2": adapters / "a2"}
-    kube.write(config(own_vllm.port, want))
+    # rs-a1 with a canary of its own (per adapter): proven before the restart, and again after its reload
+    kube.write(config(own_vllm.port, [{"id": "rs-a1", "source": str(want["rs-a1"]), "canary": {"enabled": True}},
+                                      {"id": "rs-a2", "source": str(want["rs-a2"])}]))
     sc = sidecars(kube.path, api_key=own_vllm.api_key, period=period)
     wait_roots(own_vllm, want, sc)
+    sc.wait_for(lambda: (sc.status()["adapters"]["rs-a1"]["canary"] or {}).get("result") == "verified", CONVERGE,
+                "rs-a1 verified before the restart")
+    before = sc.status()["adapters"]
+    assert {i: before[i]["lost"] for i in want} == {"rs-a1": 0, "rs-a2": 0}
+    assert before["rs-a2"]["canary"] is None, "no canary unless enabled"
 
     own_vllm.stop()
     # a second sidecar that starts while nothing listens (a pod whose sidecar wins the race)
@@ -279,6 +288,27 @@ def test_reloads_everything_after_vllm_restart(own_vllm, refs, adapters, kube, s
     assert text_of(own_vllm, "rs-late") == refs["a3"]
     assert sc.running and late.running
     late.wait_ready(10)
+
+    # drift: the sidecar reloads an adapter only after a /v1/models without it, so by now it has said so
+    after = sc.status()["adapters"]
+    assert {i: after[i]["lost"] for i in want} == {"rs-a1": 1, "rs-a2": 1}, after
+    assert late.status()["adapters"]["rs-late"]["lost"] == 0, "never loaded before the restart: not lost"
+    lost_lines = sc.log_matching("lost: ")
+    assert len(lost_lines) == 1, lost_lines
+    assert ("lost: 2 of the 2 adapters loaded vanished without an unload; all of them at once: the server "
+            "restarted" in lost_lines[0]) and "server_restarted=true" in lost_lines[0], lost_lines[0]
+    assert "rs-a1" in lost_lines[0] and "rs-a2" in lost_lines[0]
+    assert not late.log_matching("lost: "), "a sidecar that had loaded nothing lost nothing"
+    metrics = sc.metrics()
+    assert {i: metrics.value("lora_sidecar_adapter_lost_total", adapter=i) for i in want} == dict.fromkeys(want, 1)
+    # and everything is back: loaded, in sync, rs-a1 proven anew by its canary
+    sc.wait_for(lambda: sc.status()["in_sync"] and (sc.status()["adapters"]["rs-a1"]["canary"] or {}).get("result")
+                == "verified", CONVERGE, "in sync and rs-a1 verified again after the restart")
+    after = sc.status()["adapters"]
+    assert {i: after[i]["state"] for i in want} == dict.fromkeys(want, "loaded")
+    assert {i: after[i]["lost"] for i in want} == {"rs-a1": 1, "rs-a2": 1}, "lost once, counted once"
+    assert sc.metrics().value("lora_sidecar_canary_total", result="verified") == 2  # before and after
+    sc.wait_ready(10)
 
 
 # ---- 6. vLLM freezes ------------------------------------------------------------------------
@@ -552,3 +582,105 @@ def test_version_update_runs_at_full_speed_and_is_briefly_unavailable(vllm, refs
         f"completions through the updated adapter take {ratio:.2f}x as long as through the same files loaded "
         f"fresh (at most {MAX_SLOWDOWN}): was load_inplace left set on vLLM <= 0.32? per-pair ratios "
         f"{[round(r, 2) for r in ratios]}\n{sc.diagnose()}")
+
+
+# ---- 11. the canary: proof that each adapter changes what the model says ----------------------------
+def json_log(sc: Sidecar) -> list[dict]:
+    """The sidecar's log lines that are JSON (it runs with --log-format json)."""
+    lines = []
+    for text in sc.lines():
+        try:
+            lines.append(json.loads(text))
+        except ValueError:
+            continue
+    return lines
+
+
+def test_canary_tells_working_adapters_from_an_inert_one(vllm, refs, adapters, kube, sidecars):
+    working = {f"can-{n}": adapters / n for n in ("a1", "a2", "a3")}
+    inert = "can-inert"
+    want = {**working, inert: adapters / "inert"}  # lora_B all zero: it loads, and changes nothing
+    kube.write(config(vllm.port, want, canary={"enabled": True}))  # the schema's prompt: "Once upon a time"
+    t0 = time.monotonic()
+    sc = sidecars(kube.path, api_key=vllm.api_key, args=["--log-format", "json"])
+    wait_roots(vllm, want, sc)
+    listed = time.monotonic() - t0
+
+    def verdicts() -> dict[str, str] | None:
+        found = {i: (s.get("canary") or {}).get("result") for i, s in sc.status()["adapters"].items() if i in want}
+        return found if len(found) == len(want) and all(found.values()) else None
+
+    got = sc.wait_for(verdicts, CONVERGE, "a canary verdict for every adapter in /status")
+    proven = time.monotonic() - t0
+    assert got == {**dict.fromkeys(working, "verified"), inert: "inert"}, got
+    status = sc.status()["adapters"]
+    assert {i: status[i]["state"] for i in want} == {**dict.fromkeys(working, "loaded"), inert: "inert"}
+    seconds = {i: status[i]["canary"]["seconds"] for i in want}
+    assert all(s > 0 for s in seconds.values()), seconds
+    note_timing(f"canary: 4 adapters listed {listed:.2f} s after the sidecar's start, every verdict in /status "
+                f"{proven:.2f} s; canary seconds per adapter {seconds}")
+
+    # the canary ran once per change, not once per cycle: no completion reaches the server over 3 more cycles
+    completions = server_log_count(vllm, "/v1/completions")
+    cycles = sc.metrics().total("lora_sidecar_reconcile_total")
+    sc.wait_for(lambda: sc.metrics().total("lora_sidecar_reconcile_total") >= cycles + 3, 5 * PERIOD + 5,
+                "3 more reconcile cycles")
+    assert server_log_count(vllm, "/v1/completions") == completions, "a canary must not repeat while nothing changes"
+
+    # the verdicts against reality: the test's own temperature-0 completions, the canary's prompt and length
+    base = text_of(vllm, SERVED_MODEL_NAME)
+    texts = {i: text_of(vllm, i) for i in want}
+    note_timing(f"canary: completions base {base!r}, " + ", ".join(f"{i} {t!r}" for i, t in texts.items()))
+    assert base == refs["base"]
+    assert texts[inert] == base, "the inert adapter must answer as the base model does"
+    for i, folder in working.items():
+        assert texts[i] == refs[folder.name] and texts[i] != base, f"{i} must answer with its own text"
+    detail = status[inert]["canary"]["detail"] or ""
+    assert inert in detail and repr(base) in detail, f"the inert verdict must say what both answered: {detail!r}"
+    assert all(status[i]["canary"]["detail"] is None for i in working)
+
+    # the log: one line per verdict, naming the adapter
+    lines = json_log(sc)
+    verified = [x["adapter"] for x in lines
+                if x.get("msg") == f"verified: {x.get('adapter')} answers unlike its base model"]
+    inert_lines = [x for x in lines if x.get("msg") == f"inert: {inert} answers as its base model does"]
+    assert sorted(verified) == sorted(working), verified
+    assert len(inert_lines) == 1 and inert_lines[0]["level"] == "warning" and inert_lines[0]["adapter"] == inert, \
+        inert_lines
+    assert not [x for x in lines if str(x.get("msg", "")).startswith("canary skipped")]
+    metrics = sc.metrics()
+    assert {r: metrics.value("lora_sidecar_canary_total", result=r) for r in ("verified", "inert", "unavailable")} \
+        == {"verified": 3, "inert": 1, "unavailable": 0}
+    assert metrics.state_of(inert) == "inert"
+    # inertBlocksReadiness is false by default: an inert adapter is reported, it does not hold the pod out
+    sc.wait_ready(10)
+
+
+# ---- 12. a remote source: an s3:// prefix downloaded into --adapter-dir, checked, loaded from there -----------
+def test_s3_adapter_is_downloaded_checked_and_served_from_its_version_folder(vllm, refs, adapters, s3_server, kube,
+                                                                            sidecars, tmp_path):
+    name, folder = "s3-a2", adapters / "a2"
+    s3_server.create_bucket("e2e-adapters")
+    source = s3_server.put_folder("e2e-adapters", "team/a2/v1/", folder)
+    digest, size = tree_digest(folder), folder_size(folder)  # the pin, as `sidecar.py --digest a2` prints it
+    adapter_dir = tmp_path / "adapter-dir"  # the volume shared by the sidecar and vLLM (here: the same machine)
+    adapter_dir.mkdir()
+    kube.write(config(vllm.port, [{"id": name, "source": source, "sha256": digest}]))
+    t0 = time.monotonic()
+    sc = sidecars(kube.path, api_key=vllm.api_key, args=["--adapter-dir", adapter_dir], env=s3_server.env)
+
+    # vLLM lists it loaded from its version folder under --adapter-dir, and it answers as a2 loaded from its own
+    version = version_dir(adapter_dir, name, digest)
+    wait_roots(vllm, {name: version}, sc)
+    listed = time.monotonic() - t0
+    assert text_of(vllm, name) == refs["a2"], "the downloaded adapter must answer as the same folder loaded directly"
+    assert tree_digest(version) == digest, "the folder vLLM loaded holds exactly the files under the prefix"
+
+    record = sc.wait_for(lambda: (r := sc.status()["adapters"][name])["state"] == "loaded" and r, CONVERGE,
+                         f"{name} loaded in /status")
+    download = record["download"]
+    assert (download["state"], download["bytes"], download["sha256"]) == ("done", size, digest), download
+    assert record["observed_source"] == str(version), record
+    assert sorted(p.name for p in adapter_dir.iterdir()) == [version.name], "nothing but the version folder"
+    note_timing(f"s3:// adapter ({size} bytes): sidecar start to vLLM listing it {listed:.2f} s; the download "
+                f"itself {download['seconds']} s (/status)")

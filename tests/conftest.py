@@ -4,6 +4,7 @@ importable through pytest's `pythonpath` (pyproject.toml)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 from fake_vllm import FakeVLLM, make_adapter
 from kubelet import KubeletConfigDir
+from remote_sources import HttpsFiles, MotoS3, make_ca_file
 from sidecar_process import Sidecar
 
 
@@ -67,3 +69,42 @@ def start_sidecar() -> Iterator[Callable[..., Sidecar]]:
     for sidecar in started:
         sidecar.close()
         print(f"--- sidecar log ({' '.join(sidecar.argv[2:])}):\n{sidecar.log_text()}")
+
+
+# ------------------------------------------------------------------ remote adapter sources (remote_sources.py)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[MotoS3]:
+    """moto's S3 server, one child process for the whole run; give a sidecar `s3_server.env`.
+    Tests share it: each makes its own bucket (s3_bucket)."""
+    server = MotoS3().start()
+    yield server
+    server.stop()
+
+
+_buckets = itertools.count()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: MotoS3) -> str:
+    """A new, empty bucket on s3_server."""
+    return s3_server.create_bucket(f"adapters-{next(_buckets):04d}")
+
+
+@pytest.fixture(scope="session")
+def https_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    """(trustme.CA, its certificate as a PEM file): what REQUESTS_CA_BUNDLE names."""
+    import trustme
+
+    ca = trustme.CA()
+    return ca, make_ca_file(ca, tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture
+def https_files(https_ca: tuple[Any, Path]) -> Iterator[HttpsFiles]:
+    """An HTTPS file server on loopback trusted through `https_files.env`. Ask for it before start_sidecar,
+    so the sidecars go first."""
+    ca, ca_file = https_ca
+    with HttpsFiles(ca, ca_file) as files:
+        yield files

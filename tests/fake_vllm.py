@@ -18,7 +18,12 @@ garbage_models (variant=not_json|wrong_type|missing_keys), slow_load (seconds=S 
 load_noop (load answers 200, nothing changes), unload_noop (unload answers 200, the adapter stays),
 load_status (status=N: load answers N with vLLM's JSON error body, nothing changes),
 models_drop (GET /v1/models closes the connection unanswered; /health stays 200),
-echo_auth (load answers 500 quoting the request's Authorization header, as a careless proxy might).
+echo_auth (load answers 500 quoting the request's Authorization header, as a careless proxy might),
+no_completions (POST /v1/completions answers 404 {"detail":"Not Found"}, as for an embedding model).
+
+An adapter made with make_adapter(folder, inert=True) loads like any other, but its completions are
+the base model's, word for word (zero weights or wrong target modules would do that on vLLM); the
+marker (INERT_KEY in adapter_config.json) is read from the adapter's folder at each completion.
 
 Known differences from vLLM: the text of 400 validation errors only resembles pydantic's;
 /metrics is not served; an injected fault survives restart() (clear it with set_fault("none"));
@@ -67,7 +72,7 @@ from urllib.parse import urlsplit
 # --- Inventory ------------------------------------------------------------------------------
 
 FAULT_MODES = ("none", "health503", "hang", "load500", "garbage_models", "slow_load", "load_noop", "unload_noop",
-               "load_status", "models_drop", "echo_auth")
+               "load_status", "models_drop", "echo_auth", "no_completions")
 GARBAGE_VARIANTS = ("not_json", "wrong_type", "missing_keys")
 
 # Routes that exist only with VLLM_ALLOW_RUNTIME_LORA_UPDATING=true (else 404 {"detail":"Not Found"}).
@@ -81,6 +86,9 @@ ERROR_STATUSES = frozenset(s.value for s in HTTPStatus if s >= 400)
 
 # uvicorn closes idle keep-alive connections after 5 s; clients must cope with that race.
 UVICORN_KEEP_ALIVE_S = 5.0
+
+# adapter_config.json key of an adapter whose completions are the base model's (make_adapter(inert=True)).
+INERT_KEY = "fake_inert"
 
 # --max-model-len of the servers the tests imitate (e2e/vllm_server.py starts the real one with it).
 MAX_MODEL_LEN = 128
@@ -355,11 +363,22 @@ def inplace_sticks(version: str | None) -> bool:
     return match is None or (int(match[1]), int(match[2])) <= (0, 32)
 
 
-def make_adapter(folder: str | os.PathLike[str], rank: int = 8, **extra: Any) -> Path:
-    """Create an adapter folder the fake accepts (adapter_config.json only; no weights needed)."""
+def is_inert(path: str) -> bool:
+    """Whether the adapter folder at `path` carries the INERT_KEY marker (False when unreadable)."""
+    try:
+        return json.loads((Path(path) / "adapter_config.json").read_text()).get(INERT_KEY) is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def make_adapter(folder: str | os.PathLike[str], rank: int = 8, *, inert: bool = False, **extra: Any) -> Path:
+    """Create an adapter folder the fake accepts (adapter_config.json only; no weights needed).
+    inert=True: the fake answers completions through it exactly as through the base model."""
     path = Path(folder)
     path.mkdir(parents=True, exist_ok=True)
     config = {"r": rank, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "peft_type": "LORA", **extra}
+    if inert:
+        config[INERT_KEY] = True
     (path / "adapter_config.json").write_text(json.dumps(config))
     return path
 
@@ -810,19 +829,24 @@ class FakeVLLM:
         return json_reply(200, {"object": "list", "data": stripped})
 
     def _completions(self, request: Request) -> Reply:
+        if self.fault().mode == "no_completions":
+            return NOT_FOUND
         obj = parse_json_object(request)
         if isinstance(obj, Reply):
             return obj
         model = obj.get("model") or self.config.served_model_names[0]
         adapters = self.adapters()
+        speaker = model
         if model in self.config.served_model_names:
             root = self.config.model
         elif model in adapters:
             root = adapters[model]
+            if is_inert(root):  # it changes nothing: the base model answers
+                speaker, root = self.config.served_model_names[0], self.config.model
         else:
             return error_reply(404, f"The model '{model}' does not exist.", "NotFoundError", "model")
         # The text names the model and the weights it ran with, so a test can prove an adapter (or its reload) is live.
-        text = f" fake completion by {model} from {root}"
+        text = f" fake completion by {speaker} from {root}"
         created = int(time.time())
         return json_reply(200, {
             "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created, "model": model,

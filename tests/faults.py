@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The fault matrix (issue 6): every config event crossed with every server fault, sidecar.py as a process.
+"""The fault matrix: every config event crossed with every server fault, sidecar.py as a process.
 
     make faults [FAULTS_ARGS="--rows down,hang --events valid_swap"]
     PYTHONPATH=.:tests python tests/faults.py [--jobs 8] [--rows down,hang] [--events valid_swap]

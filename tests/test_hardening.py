@@ -1,4 +1,4 @@
-"""Hardening (issue 11): the inputs and environments that used to get through, one section per item.
+"""Hardening: the inputs and environments that used to get through, one section per item.
 
 sidecar.py runs as a process against the vLLM look-alike wherever a user could see the behaviour
 (exit codes, stderr, the log, /status, /metrics, the fake's request log); only the text log

@@ -178,7 +178,8 @@ def test_sidecar_args_parse_with_its_own_parser(sidecar_args: Any) -> None:
 
 def test_sidecar_env_is_only_what_the_sidecar_reads(sidecar: Any, sidecar_container: dict[str, Any]) -> None:
     read = set(re.findall(r"\[env\s+([A-Z0-9_]+)\]", sidecar.build_parser().format_help())) | {SECRET_ENV}
-    unknown = {v["name"] for v in sidecar_container.get("env", [])} - read
+    given = {v["name"] for v in sidecar_container.get("env", [])}
+    unknown = {name for name in given - read if not name.startswith("AWS_")}  # boto3's standard chain reads AWS_*
     assert not unknown, f"the sidecar ignores these variables: {sorted(unknown)}"
 
 
@@ -369,3 +370,28 @@ def test_image_installs_the_pinned_requirements() -> None:
     assert "PYTHONUNBUFFERED=1" in env and "PYTHONDONTWRITEBYTECODE=1" in env
     exposed = " ".join(args for op, args in dockerfile_instructions() if op == "EXPOSE").split()
     assert "8080" in exposed or "8080/tcp" in exposed
+
+
+def test_boto3_is_in_the_image_only_when_built_for_s3() -> None:
+    instructions = dockerfile_instructions()
+    assert ("ARG", "WITH_S3=0") in instructions  # the default image does not grow
+    runs = " ".join(args for op, args in instructions if op == "RUN")
+    assert re.search(r'"\$WITH_S3" = "1".*(-r|--requirement)[ =]\S*requirements-s3\.txt', runs)
+    assert dockerignore_allows("requirements-s3.txt")
+    assert "boto3" not in (ROOT / "requirements.txt").read_text()
+    assert re.search(r"^boto3==", (ROOT / "requirements-s3.txt").read_text(), re.M)
+
+
+def test_downloads_go_to_a_volume_vllm_sees_at_the_same_path(
+    pod: dict[str, Any], sidecar_container: dict[str, Any], vllm_container: dict[str, Any], sidecar_args: Any,
+) -> None:
+    adapter_dir = PurePosixPath(sidecar_args.adapter_dir)
+    mounts = {c["name"]: {m["name"]: m for m in c.get("volumeMounts", [])} for c in (sidecar_container, vllm_container)}
+    (name,) = [n for n, m in mounts[sidecar_container["name"]].items() if PurePosixPath(m["mountPath"]) == adapter_dir]
+    seen_by_vllm = mounts[vllm_container["name"]][name]
+    assert PurePosixPath(seen_by_vllm["mountPath"]) == adapter_dir  # vLLM loads the very path the sidecar sends
+    assert seen_by_vllm.get("readOnly") is True and not mounts[sidecar_container["name"]][name].get("readOnly")
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == name]
+    budget = sidecar_args.adapter_dir_max_bytes
+    size_limit = volume["emptyDir"]["sizeLimit"]
+    assert size_limit.endswith("Gi") and 0 < budget < int(size_limit[:-2]) * 2**30  # the budget fits the volume

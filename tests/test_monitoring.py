@@ -5,7 +5,7 @@ checked with the real tools and against what a running sidecar really exports.
   alert firing and not firing; alerts.yaml is rules.yaml wrapped in a PrometheusRule, text for text.
 - Every series the rules and the dashboard read is in a real scrape of sidecar.py (started against the
   vLLM-like test server with adapters loaded, failed, skipped and absent), and every adapter state the rules
-  name is one the sidecar reports (or "inert", the state issue 12 adds).
+  name is one the sidecar reports.
 - The dashboard is Grafana import JSON: schema fields, panels with targets, the namespace/pod/adapter
   variables; its queries parse (promtool) and, in the end-to-end test, evaluate on a real Prometheus.
 - End to end: a real Prometheus server on loopback scrapes two sidecars through the shipped scrape job's
@@ -49,7 +49,7 @@ DASHBOARD = MONITORING / "dashboard.json"
 
 CI = os.environ.get("CI", "").lower() == "true"
 
-# What issue 14 asks for, by alert name: (needs a pod in its description, needs an adapter there).
+# Every alert, by name: (needs a pod in its description, needs an adapter there).
 ALERTS = {
     "LoRAAdapterFailing": (True, True),
     "LoRAAdapterReplicasDisagree": (True, True),
@@ -59,7 +59,7 @@ ALERTS = {
     "LoRASidecarDown": (True, False),
     "LoRASidecarTargetMissing": (False, False),  # no target at all: no pod to name
 }
-# The states sidecar.py reports, plus "inert" (issue 12), which the adapter-failing alert covers ahead of time.
+# The states sidecar.py reports (State).
 KNOWN_STATES = {"loaded", "pending", "failed", "absent", "skipped", "inert"}
 # Series Prometheus makes itself rather than scraping them; the rules may read these too.
 SYNTHETIC_SERIES = {"up"}

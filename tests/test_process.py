@@ -240,7 +240,7 @@ def test_one_adapter_failing_with_500_does_not_hold_up_nine_and_backs_off(
     attempts = [e["t"] for e in loads(fake.requests(), "big")][:4]
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert all(gap >= 0.9 * period * 2**n for n, gap in enumerate(gaps)), f"gaps {gaps}, period {period}"
-    assert all(e["status"] == 500 for e in loads(fake.requests(), "big"))
+    assert all(e["status"] in (500, None) for e in loads(fake.requests(), "big"))  # None: a retry in flight
     assert "big" not in fake.adapters()
     # The server's reason is logged, once per distinct error rather than once per retry.
     assert len(errors_in_log(sidecar, "rank 16 is greater than max_lora_rank 8")) == 1
@@ -583,7 +583,8 @@ def test_readyz_is_503_until_the_server_is_healthy(adapter_paths, kubelet, start
     kubelet.write(lora_config(port, paths))
     sidecar = run(start_sidecar, kubelet.path)
     sidecar.wait_serving()
-    wait_until(lambda: sidecar.metrics().value("lora_sidecar_server_up") == 0)
+    # the gauge is 0 before the first cycle too: wait for a cycle that found the server down
+    wait_until(lambda: sidecar.metrics().value("lora_sidecar_server_up") == 0 and "a" in sidecar.status()["adapters"])
     assert sidecar.readyz() == 503
     assert sidecar.healthz() == 200
     status = sidecar.status()

@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) of sidecar.py's pure core (issue 6).
+"""Property-based tests (hypothesis) of sidecar.py's pure core.
 
 (a) Config documents: any bytes, any YAML, any document shape -> parse_config returns a DesiredState
     or raises ConfigError, every error naming the file (its label) and, for shape errors, the field;

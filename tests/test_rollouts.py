@@ -1,10 +1,10 @@
-"""Process tests for issue 10, "Real rollouts": slow loads applied one at a time, vLLM's version
+"""Process tests of real rollouts: slow loads applied one at a time, vLLM's version
 semantics, 200s without effect, and a status that tells the truth.
 
 sidecar.py runs as a process against the vLLM look-alike (tests/fake_vllm.py) given realistic
 behaviour: loads of seconds held under one engine lock, a server without load_inplace, a server
 where load_inplace sticks (0.32), loads and unloads answered 200 that change nothing, a server
-that normalises `root`. Each test is named for the numbered point of the issue it covers.
+that normalises `root`.
 
 Every wait is on a condition, with a generous deadline that measures nothing (the slow-load rollout
 and the version swap are timed by `make bench`); the only plain sleeps are where a test must show
@@ -128,7 +128,7 @@ SWAPS = {
 
 
 @pytest.mark.parametrize("case", list(SWAPS))
-def test_1_version_update_leaves_no_sticky_load_inplace_and_drops_nothing_before_the_new_version_loaded(
+def test_version_update_leaves_no_sticky_load_inplace_and_drops_nothing_before_the_new_version_loaded(
     case, make_fake, adapter_paths, kubelet, start_sidecar
 ):
     version, inplace_supported, acceptable = SWAPS[case]
@@ -168,7 +168,7 @@ def test_1_version_update_leaves_no_sticky_load_inplace_and_drops_nothing_before
 # ============================================================ 2. a new version that cannot load
 
 @pytest.mark.parametrize("inplace_supported", [False, True], ids=["no-inplace", "0.32-sticky"])
-def test_2_a_new_version_that_cannot_load_leaves_the_old_one_serving(
+def test_a_new_version_that_cannot_load_leaves_the_old_one_serving(
     inplace_supported, make_fake, adapter_paths, kubelet, start_sidecar, tmp_path
 ):
     fake = make_fake(version="0.32.0", inplace_supported=inplace_supported)
@@ -198,7 +198,7 @@ def test_2_a_new_version_that_cannot_load_leaves_the_old_one_serving(
 
 
 @pytest.mark.slow  # 6 loads of 1.5 s, one at a time
-def test_3_slow_serial_loads_are_not_charged_the_request_timeout_or_time_queued(
+def test_slow_serial_loads_are_not_charged_the_request_timeout_or_time_queued(
     make_fake, adapter_paths, kubelet, start_sidecar
 ):
     fake = make_fake(load_delay=1.5)  # 6 x 1.5 s applied one at a time: 9 s, with 4 sent at once
@@ -229,7 +229,7 @@ def test_3_slow_serial_loads_are_not_charged_the_request_timeout_or_time_queued(
 @pytest.mark.slow  # 12 loads of 0.6-1 s, one at a time
 @pytest.mark.parametrize(("request_timeout", "load_delay"), [(1, 0.6), (5, 1.0)],
                          ids=["request-timeout-1", "request-timeout-5"])
-def test_4_healthz_stays_200_through_a_long_steady_rollout(
+def test_healthz_stays_200_through_a_long_steady_rollout(
     request_timeout, load_delay, make_fake, adapter_paths, kubelet, start_sidecar
 ):
     # 12 loads applied serially: 7-12 s, far longer than today's /healthz window of
@@ -271,7 +271,7 @@ TRANSIENT = {
 
 @pytest.mark.slow  # a 1.5 s window, then a backoff
 @pytest.mark.parametrize("kind", list(TRANSIENT))
-def test_5_readyz_stays_503_while_loads_fail_transiently_then_turns_200(
+def test_readyz_stays_503_while_loads_fail_transiently_then_turns_200(
     kind, make_fake, kubelet, start_sidecar, tmp_path
 ):
     fake = make_fake()
@@ -309,7 +309,7 @@ def test_5_readyz_stays_503_while_loads_fail_transiently_then_turns_200(
 
 
 @pytest.mark.slow  # three growing backoffs
-def test_6_load_answered_200_but_not_listed_fails_and_backs_off(make_fake, adapter_paths, kubelet, start_sidecar):
+def test_load_answered_200_but_not_listed_fails_and_backs_off(make_fake, adapter_paths, kubelet, start_sidecar):
     period = 0.3
     fake = make_fake()
     fake.set_fault("load_noop")
@@ -335,7 +335,7 @@ def test_6_load_answered_200_but_not_listed_fails_and_backs_off(make_fake, adapt
 
 
 @pytest.mark.slow  # three growing backoffs
-def test_6_unload_answered_200_but_still_listed_fails_and_backs_off(make_fake, adapter_paths, kubelet, start_sidecar):
+def test_unload_answered_200_but_still_listed_fails_and_backs_off(make_fake, adapter_paths, kubelet, start_sidecar):
     period = 0.3
     fake = make_fake()
     paths = adapter_paths(["a", "x"])
@@ -354,7 +354,7 @@ def test_6_unload_answered_200_but_still_listed_fails_and_backs_off(make_fake, a
     assert "x" in fake.adapters()
 
 
-def test_6_a_server_that_normalises_root_gets_one_load_and_no_reloads(
+def test_a_server_that_normalises_root_gets_one_load_and_no_reloads(
     make_fake, adapter_paths, kubelet, start_sidecar
 ):
     fake = make_fake(normalize_root=True)
@@ -376,7 +376,7 @@ def test_6_a_server_that_normalises_root_gets_one_load_and_no_reloads(
 
 
 @pytest.mark.slow  # a 3.5 s window
-def test_7_models_dropped_while_health_is_fine_is_one_error_polled_once_a_period(
+def test_models_dropped_while_health_is_fine_is_one_error_polled_once_a_period(
     make_fake, adapter_paths, kubelet, start_sidecar
 ):
     period = 1.0
@@ -418,7 +418,7 @@ def server_error(sidecar: Sidecar) -> str:
 
 @pytest.mark.slow  # a 1 s window each
 @pytest.mark.parametrize("where", ["https-against-http", "refused", "unresolvable"])
-def test_8_while_waiting_status_says_why_the_server_is_not_reachable(
+def test_while_waiting_status_says_why_the_server_is_not_reachable(
     where, make_fake, adapter_paths, kubelet, start_sidecar
 ):
     paths = adapter_paths(["a"])
@@ -445,7 +445,7 @@ def test_8_while_waiting_status_says_why_the_server_is_not_reachable(
 
 
 @pytest.mark.parametrize("via", ["VLLM_API_KEY", "--api-key-file"])
-def test_8_an_api_key_with_a_control_character_inside_is_refused_at_start(
+def test_an_api_key_with_a_control_character_inside_is_refused_at_start(
     via, make_fake, adapter_paths, kubelet, start_sidecar, tmp_path
 ):
     fake = make_fake(api_key="secret")
@@ -465,7 +465,7 @@ def test_8_an_api_key_with_a_control_character_inside_is_refused_at_start(
 # ============================================================ 9. every call counted
 
 
-def test_9_a_load_that_times_out_is_counted_and_every_request_has_a_series(
+def test_a_load_that_times_out_is_counted_and_every_request_has_a_series(
     make_fake, adapter_paths, kubelet, start_sidecar
 ):
     fake = make_fake()

@@ -1,4 +1,4 @@
-"""Security checks (issue 6), sidecar.py as a process against the vLLM look-alike.
+"""Security checks, sidecar.py as a process against the vLLM look-alike.
 
 - The sidecar's own HTTP server answers only GET on its four paths (404 elsewhere, 405 for other
   methods), and slow or stuck clients (half a request, never reading) do not block the probes.

@@ -1,4 +1,4 @@
-"""Soak (issue 6): the sidecar for SOAK_SECONDS (default 60) against the vLLM look-alike while a seeded
+"""Soak: the sidecar for SOAK_SECONDS (default 60) against the vLLM look-alike while a seeded
 random driver swaps configs (good and bad), breaks the server and changes adapters behind its back.
 
 At the end: the server holds the last good config; no unload over the whole run was outside
