@@ -28,11 +28,10 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONPATH=/app
 
 # sidecar.py loads validation.yaml from its own folder, so both go to /app.
-# Root owns them; the process only reads them. Compiled here, once, for the
-# same reason as the packages: nothing can write a cache at run time.
+# Root owns them; the process only reads them. Not byte-compiled: compiling
+# sidecar.py at start takes 52 ms of a 0.5 s start, once per container.
 WORKDIR /app
 COPY sidecar.py validation.yaml /app/
-RUN python -m compileall -q /app/sidecar.py
 
 # A numeric user, so that Kubernetes' runAsNonRoot can check it without /etc/passwd.
 USER 65532:65532
@@ -42,6 +41,6 @@ EXPOSE 8080
 
 # As a module, not as `python /app/sidecar.py`: CPython frees a script's syntax tree
 # only when the script returns (pyrun_file frees the arena after run_mod), a module's
-# right after compiling it. Measured at idle (Python 3.11): 39.9 MB as a script,
-# 36.0 MB as a module, the same with or without the .pyc above.
+# right after compiling it. Measured at idle (Python 3.11, one adapter, no metrics
+# port): 41.5 MB as a script, 35.7 MB as a module.
 ENTRYPOINT ["python", "-m", "sidecar"]

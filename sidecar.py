@@ -18,10 +18,11 @@ default is what it is) and the metrics; data types; config loading; the vLLM
 client; remote sources (`localize()` and `evictions()`, pure, then
 `AdapterStore`, which downloads, checks, stages and deletes); the decisions, all
 pure: `plan()`, then what an answer or a model list does to one adapter's record
-(`AdapterRecord`), which actions are due and when the sidecar is ready; the
-reconciler, which executes a plan, records every answer and proves adapters with
-their canary; the triggers (`ConfigSource`, `run_loop`, the one place that
-decides when to reconcile); the status server; `main()`.
+(`AdapterRecord`), which actions are due (`due_actions`), and when the sidecar is
+in sync (`is_in_sync`) and ready (`is_ready`); the reconciler, which executes a
+plan, records every answer and proves adapters with their canary; the triggers
+(`ConfigSource`, `run_loop`, the one place that decides when to reconcile); the
+status server; `main()`.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -65,81 +66,112 @@ VERSION = "1.0.0"
 # ------------------------------------------------------------------ knobs
 # Every flag, its environment variable and its default, and why the default is what it is.
 ENV = "LORA_SIDECAR_"
+
+
+def positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def byte_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of bytes, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no budget) or more, got {text!r}")
+    return value
+
+
 FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--config", "DYNAMIC_LORA_ROLLOUT_CONFIG", dict(
-        default="/config/configmap.yaml", metavar="FILE",  # where deployment.yaml mounts the ConfigMap
+        # where deployment.yaml mounts the ConfigMap
+        dest="config_path", type=Path, default="/config/configmap.yaml", metavar="FILE",
         help="config file: the vLLMLoRAConfig YAML or a whole ConfigMap manifest")),
     ("--reconcile-trigger", ENV + "RECONCILE_TRIGGER", dict(
         # How soon a vLLM restart is repaired; in sync a period costs one GET /v1/models.
-        default=5.0, type=float, metavar="S",
+        dest="reconcile_period", default=5.0, type=positive, metavar="S",
         help="seconds between reconcile cycles (also the first retry delay of a failed adapter)")),
     ("--watch-interval", ENV + "WATCH_INTERVAL", dict(
         # A stat() through the kubelet's symlinks; the kubelet itself takes 60-90 s to propagate.
-        default=0.1, type=float, metavar="S", help="seconds between cheap checks (stat) of the config file")),
+        default=0.1, type=positive, metavar="S", help="seconds between cheap checks (stat) of the config file")),
     ("--health-check-interval", ENV + "HEALTH_CHECK_INTERVAL", dict(
-        default=2.0, type=float, metavar="S", help="seconds between /health checks while the server is not up")),
+        # /health costs vLLM nothing; the first reconcile follows within this of the server coming up.
+        default=2.0, type=positive, metavar="S", help="seconds between /health checks while the server is not up")),
     ("--health-check-timeout", ENV + "HEALTH_CHECK_TIMEOUT", dict(
         # vLLM takes 25-60 s to start on a CPU, minutes to load a large model on a GPU.
         default=300.0, type=float, metavar="S",
         help="seconds to wait for vLLM's /health (--once/--dry-run give up after it; the loop logs it)")),
     ("--request-timeout", ENV + "REQUEST_TIMEOUT", dict(
         # The quick calls answer in milliseconds; 10 s only waits out a busy event loop.
-        default=10.0, type=float, metavar="S",
+        default=10.0, type=positive, metavar="S",
         help="seconds allowed for each quick call: /health, /version, /v1/models, unload")),
     ("--load-timeout", ENV + "LOAD_TIMEOUT", dict(
         # vLLM downloads a Hugging Face id on load: minutes for a large adapter on a slow link.
-        default=600.0, type=float, metavar="S",
+        default=600.0, type=positive, metavar="S",
         help="seconds allowed for one load; a load sent with others gets one allowance for each")),
     ("--adapter-dir", ENV + "ADAPTER_DIR", dict(
-        default=None, metavar="DIR",  # a volume mounted at the same path in vLLM's container
+        default=None, type=Path, metavar="DIR",  # a volume mounted at the same path in vLLM's container
         help="where s3:// and https:// sources are downloaded to; vLLM loads them from there")),
     ("--adapter-dir-max-bytes", ENV + "ADAPTER_DIR_MAX_BYTES", dict(
         # 0 keeps no version the config no longer names; a budget keeps them, for a quick rollback.
-        default=0, type=int, metavar="BYTES",
+        default=0, type=byte_count, metavar="BYTES",
         help="disk budget of --adapter-dir: versions no longer used are kept up to it, oldest evicted "
              "first; 0: no budget, and an unused version is deleted once vLLM no longer lists it")),
     ("--download-timeout", ENV + "DOWNLOAD_TIMEOUT", dict(
         # Each read has --request-timeout; this bounds the whole of a large adapter on a slow link.
-        default=1800.0, type=float, metavar="S", help="seconds allowed for one adapter's whole download")),
+        default=1800.0, type=positive, metavar="S", help="seconds allowed for one adapter's whole download")),
     ("--config-validation", ENV + "CONFIG_VALIDATION", dict(
+        # An unknown key is most often a misspelt one (`base_model` for `base-model`): refuse it.
         default=True, action=argparse.BooleanOptionalAction,
         help="check the config against validation.yaml; off, unknown keys pass and every other rule holds")),
     ("--metrics-port", ENV + "METRICS_PORT", dict(
+        # The port deployment.yaml's probes and prometheus.io annotations name.
         default=8080, type=int, metavar="PORT", help="port of /metrics, /healthz, /readyz and /status; 0: none")),
     ("--metrics-address", ENV + "METRICS_ADDRESS", dict(
         default="::", metavar="ADDR",  # dual stack: probes reach it on IPv4, IPv6 and dual-stack clusters
         help="address to serve them on; '::' is IPv6 and IPv4 (0.0.0.0 on a host without IPv6)")),
     ("--api-key-file", ENV + "API_KEY_FILE", dict(
+        # None: VLLM_API_KEY, the variable vLLM itself reads, so one Secret can serve both containers.
         default=None, metavar="FILE",
         help="file holding vLLM's API key (else env VLLM_API_KEY); sent as Authorization: Bearer")),
     ("--log-level", ENV + "LOG_LEVEL", dict(
+        # info: a line per action, change and failure, none while in sync.
         default="info", type=str.lower, choices=["debug", "info", "warning", "error"], help="log level")),
-    ("--log-format", ENV + "LOG_FORMAT", dict(default="text", choices=["text", "json"], help="log line format")),
+    ("--log-format", ENV + "LOG_FORMAT", dict(
+        # text for `kubectl logs`; json for a log pipeline.
+        default="text", choices=["text", "json"], help="log line format")),
 )
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the command line and environment can set, read once at start."""
+    """Everything the command line and environment can set, read once at start: the flags above
+    by their `dest`, the API key, and what to do."""
 
     config_path: Path
-    health_check_timeout: float
-    health_check_interval: float
     reconcile_period: float
     watch_interval: float
+    health_check_interval: float
+    health_check_timeout: float
+    request_timeout: float
+    load_timeout: float
+    adapter_dir: Path | None
+    adapter_dir_max_bytes: int
+    download_timeout: float
     config_validation: bool
     metrics_port: int
     metrics_address: str
-    request_timeout: float
-    load_timeout: float = 600.0
-    api_key: str | None = field(default=None, repr=False)
-    log_level: str = "info"
-    log_format: str = "text"
-    mode: str = "run"  # run | once | dry-run | validate | digest
-    adapter_dir: Path | None = None
-    adapter_dir_max_bytes: int = 0
-    download_timeout: float = 1800.0
-    digest_of: Path | None = None
+    log_level: str
+    log_format: str
+    api_key: str | None = field(repr=False)
+    mode: str  # run | once | dry-run | validate | digest
+    digest_of: Path | None  # --digest DIR
 
     @property
     def alive_window(self) -> float:
@@ -189,7 +221,7 @@ class EventLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 logger = logging.getLogger("lora-sidecar")
 log = EventLog(logger)
-# libyaml's safe loader when PyYAML has it (10x faster on large configs); both are safe.
+# libyaml's safe loader when PyYAML has it (a 1000-adapter config: 27 ms, against 200 ms); both are safe.
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # The metric inventory: everything the sidecar reports, in one place.
@@ -201,33 +233,22 @@ ADAPTER_LOADED = ("lora_sidecar_adapter_loaded",
 ADAPTER_STATE = ("lora_sidecar_adapter_state", "One-hot state of each adapter named in the config.")
 LEGACY_ADAPTER_STATUS = ("lora_syncer_adapter_status",
                          "1 when the adapter is loaded (kept for dashboards built for the original lora-syncer).")
-OPERATIONS = prom.Counter(
-    "lora_sidecar_operations", "Load, reload and unload actions, by result (success, error, timeout, unreachable).",
-    ["op", "result"],
-)
-OPERATION_SECONDS = prom.Histogram(
-    "lora_sidecar_operation_duration_seconds",
-    "Duration of load, reload and unload actions, whatever their result.",
-    ["op"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
-)
-HTTP_REQUESTS = prom.Counter(
-    "lora_sidecar_http_requests", "Every HTTP request sent to vLLM, by route and answer (status code, timeout, error).",
-    ["route", "code"],
-)
+OPERATIONS = prom.Counter("lora_sidecar_operations",
+                          "Load, reload and unload actions, by result (success, error, timeout, unreachable).",
+                          ["op", "result"])
+OPERATION_SECONDS = prom.Histogram("lora_sidecar_operation_duration_seconds",
+                                   "Duration of load, reload and unload actions, whatever their result.", ["op"],
+                                   buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900))
+HTTP_REQUESTS = prom.Counter("lora_sidecar_http_requests",
+                             "Every HTTP request sent to vLLM, by route and answer (status code, timeout, error).",
+                             ["route", "code"])
 RECONCILES = prom.Counter("lora_sidecar_reconcile", "Reconcile cycles.", ["result"])
-RECONCILE_SECONDS = prom.Histogram(
-    "lora_sidecar_reconcile_duration_seconds", "Duration of reconcile cycles."
-)
+RECONCILE_SECONDS = prom.Histogram("lora_sidecar_reconcile_duration_seconds", "Duration of reconcile cycles.")
 CONFIG_VALID = prom.Gauge("lora_sidecar_config_valid", "1 when the config file is valid.")
-CONFIG_LAST_CHANGE = prom.Gauge(
-    "lora_sidecar_config_last_change_timestamp_seconds",
-    "Unix time at which a new valid config was adopted.",
-)
+CONFIG_LAST_CHANGE = prom.Gauge("lora_sidecar_config_last_change_timestamp_seconds",
+                                "Unix time at which a new valid config was adopted.")
 CANARIES = prom.Counter("lora_sidecar_canary", "Canary completions run, by result (verified, inert, unavailable).",
                         ["result"])
-for _result in ("verified", "inert", "unavailable"):  # each at 0 from the start, so dashboards find them
-    CANARIES.labels(_result)
 CANARY_SECONDS = prom.Histogram("lora_sidecar_canary_duration_seconds",
                                 "Time to prove an adapter: its completion and (unless cached) its base model's.")
 FOREIGN = prom.Gauge("lora_sidecar_foreign_adapters", "Adapters the server lists that the config does not name.")
@@ -235,14 +256,15 @@ LOST = prom.Counter("lora_sidecar_adapter_lost", "Adapters the sidecar saw loade
                     ["adapter"])
 DOWNLOADS = prom.Counter("lora_sidecar_downloads", "Downloads of remote adapter sources, by result (success, error).",
                          ["result"])
-for _result in ("success", "error"):
-    DOWNLOADS.labels(_result)
 DOWNLOAD_BYTES = prom.Counter("lora_sidecar_download_bytes", "Bytes downloaded from remote adapter sources.")
 DOWNLOAD_SECONDS = prom.Histogram("lora_sidecar_download_seconds", "Duration of downloads, whatever their result.",
                                   buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800))
 ADAPTER_DIR_BYTES = prom.Gauge("lora_sidecar_adapter_dir_bytes", "Bytes of the adapter versions in --adapter-dir.")
 SERVER_UP = prom.Gauge("lora_sidecar_server_up", "1 when the vLLM server answered its last call.")
 IN_SYNC = prom.Gauge("lora_sidecar_in_sync", "1 when the server matched the config after the last cycle.")
+for _counter, _results in ((CANARIES, ("verified", "inert", "unavailable")), (DOWNLOADS, ("success", "error"))):
+    for _result in _results:  # each at 0 from the start, so that dashboards find them
+        _counter.labels(_result)
 
 # Secrets (the API key) never leave the process: every log line, /status, /metrics and printed
 # plan goes through mask(). Set once at start. A URL's credentials and query string (a presigned
@@ -478,6 +500,13 @@ def parse_config(raw: bytes, label: str, validate_schema: bool = True) -> Desire
     return replace(desired, sha256=hashlib.sha256(raw).hexdigest(), key=key)
 
 
+YAML_STR, YAML_INT, YAML_MERGE = (f"tag:yaml.org,2002:{kind}" for kind in ("str", "int", "merge"))
+RESOLVER = yaml.resolver.Resolver()  # how the safe loader types a plain scalar (`1`, `yes`, `~`)
+# A surrogate's escape in JSON text (`\ud83d`), which the YAML parser refuses; an escaped backslash is
+# matched too, and kept, so that the text after it is not taken for one.
+ESCAPED_SURROGATE = re.compile(r"(\\\\)|\\ud[89a-f][0-9a-f]{2}")
+
+
 def _parse_yaml(raw: bytes | str, label: str) -> Any:
     if not raw.strip():
         raise ConfigError([f"{label}: the file is empty; expected a {CONFIG_KEY} document"])
@@ -486,14 +515,18 @@ def _parse_yaml(raw: bytes | str, label: str) -> Any:
         # YAML reader, which names both lines.
         document = json.loads(raw, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError):
-        document = _load_yaml(raw, label)
-    _check_bounds(document, label)
+        return _load_yaml(raw, label)
+    # The same bounds as any YAML document, walked on its JSON text as written out again: the YAML
+    # parser may refuse the file itself (tabs as indentation), and refuses escaped surrogates,
+    # which the walk has no use for.
+    text = ESCAPED_SURROGATE.sub(lambda m: m[1] or "?", json.dumps(document))
+    _check_bounds(text, label)
     return document
 
 
 def _load_yaml(raw: bytes | str, label: str) -> Any:
     try:
-        _check_events(raw, label)
+        _check_bounds(raw, label)
         return yaml.load(raw, Loader=SAFE_LOADER)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -523,24 +556,29 @@ class _Open:
     at_key: bool = True  # a mapping's next node is a key
 
 
-def _check_events(raw: bytes | str, label: str) -> None:
-    """Bound depth and expanded size on the parser's event stream, before anything is built:
-    building first would let a merge-key or alias bomb, or deep nesting, exhaust time, memory
-    or (in libyaml's composer) the C stack. Also refuse a key written twice in one mapping,
-    which YAML readers settle silently by keeping the last."""
+def _check_bounds(raw: bytes | str, label: str) -> None:
+    """The one bounds walk, on the parser's event stream, before anything is built: building first
+    would let a merge-key or alias bomb, or deep nesting, exhaust time, memory or (in libyaml's
+    composer) the C stack. Also refused: a key written twice in one mapping (YAML readers keep the
+    last, silently), a key that is not a string, an integer too long to print."""
     total = 0
     sizes: dict[str, int] = {}  # anchor -> how many values it stands for
+    tags: dict[str, str] = {}  # a scalar's anchor -> its tag, for an alias used as a key
     stack: list[_Open] = []
     for event in yaml.parse(raw, Loader=SAFE_LOADER):
         parent = stack[-1] if stack else None
         if parent and parent.keys is not None and isinstance(event, yaml.NodeEvent) and parent.at_key:
-            _check_key(parent.keys, event, label)
+            _check_key(parent.keys, event, tags, label)
         if isinstance(event, yaml.AliasEvent):
             total += sizes.get(event.anchor, 1)
         elif isinstance(event, yaml.ScalarEvent):
             total += 1
+            tag = _scalar_tag(event)
+            if tag == YAML_INT and len(event.value.replace("_", "").lstrip("+-")) > 18:
+                # Python refuses to print integers past 4300 digits; no field takes one this big anyway.
+                raise ConfigError([f"{label}: a number has more than 18 digits"])
             if event.anchor:
-                sizes[event.anchor] = 1
+                sizes[event.anchor], tags[event.anchor] = 1, tag
         elif isinstance(event, yaml.CollectionStartEvent):
             total += 1
             stack.append(_Open(event.anchor, total, {} if isinstance(event, yaml.MappingStartEvent) else None))
@@ -560,36 +598,30 @@ def _check_events(raw: bytes | str, label: str) -> None:
             raise ConfigError([f"{label}: the document expands to more than {MAX_CONFIG_NODES} values"])
 
 
-def _check_key(keys: dict[str, int], event: yaml.NodeEvent, label: str) -> None:
-    if not isinstance(event, yaml.ScalarEvent) or event.value == "<<":  # merge keys may repeat
+def _scalar_tag(event: yaml.ScalarEvent) -> str:
+    if event.tag not in (None, "!"):
+        return str(event.tag)
+    return str(RESOLVER.resolve(yaml.ScalarNode, event.value, event.implicit))
+
+
+def _check_key(keys: dict[str, int], event: yaml.NodeEvent, tags: Mapping[str, str], label: str) -> None:
+    if isinstance(event, yaml.AliasEvent):
+        tag = tags.get(str(event.anchor), YAML_STR)  # a collection as a key fails when it is built
+    elif isinstance(event, yaml.ScalarEvent):
+        tag = _scalar_tag(event)
+    else:
         return
     line = event.start_mark.line + 1
-    if event.value in keys:
-        raise ConfigError([f"{label}: duplicate key {event.value!r} at lines {keys[event.value]} and {line}"])
-    keys[event.value] = line
-
-
-def _check_bounds(document: Any, label: str) -> None:
-    """Refuse what the event check cannot see: deep or huge JSON, non-string keys, giant numbers."""
-    budget = MAX_CONFIG_NODES
-    stack: list[tuple[Any, int]] = [(document, 0)]
-    while stack:
-        node, depth = stack.pop()
-        budget -= 1
-        if budget < 0:
-            raise ConfigError([f"{label}: the document expands to more than {MAX_CONFIG_NODES} values"])
-        if depth > MAX_CONFIG_DEPTH:
-            raise ConfigError([f"{label}: the document nests deeper than {MAX_CONFIG_DEPTH} levels"])
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if not isinstance(key, str):
-                    raise ConfigError([f"{label}: mapping key {_short(key)} is not a string"])
-                stack.append((value, depth + 1))
-        elif isinstance(node, list):
-            stack.extend((item, depth + 1) for item in node)
-        elif isinstance(node, int) and not -(10**18) < node < 10**18:
-            # Python refuses to print integers past 4300 digits; no field takes one this big anyway.
-            raise ConfigError([f"{label}: a number has more than 18 digits"])
+    if tag == YAML_MERGE:  # merge keys may repeat
+        return
+    if tag != YAML_STR:
+        text = event.value if isinstance(event, yaml.ScalarEvent) else f"*{event.anchor}"
+        raise ConfigError([f"{label}: mapping key {text!r} at line {line} is read as "
+                           f"{tag.rsplit(':', 1)[-1]}, not a string; quote it"])
+    if isinstance(event, yaml.ScalarEvent):
+        if event.value in keys:
+            raise ConfigError([f"{label}: duplicate key {event.value!r} at lines {keys[event.value]} and {line}"])
+        keys[event.value] = line
 
 
 def _unwrap_configmap(manifest: dict[str, Any], label: str) -> tuple[str, Any]:
@@ -1230,7 +1262,7 @@ class AdapterStore:
         if futures:
             next(iter(as_completed(futures, timeout)), None)
 
-    def observe(self, desired: DesiredState, server: ServerState | None) -> None:
+    def evict_unused(self, desired: DesiredState, server: ServerState | None) -> None:
         """After each model list (None: the server could not be asked): remember which versions must
         stay, and delete those no longer wanted nor listed, as the budget says."""
         if self.root is None:
@@ -1268,7 +1300,7 @@ class AdapterStore:
                 if adapter.sha256 and digest != adapter.sha256:
                     raise FetchError(f"sha256 mismatch: the config pins {adapter.sha256}, the download is {digest}",
                                      permanent=True)
-                self._stage(adapter_root(incoming / "adapter"), folder)
+                self._move_into_place(adapter_root(incoming / "adapter"), folder)
             finally:
                 shutil.rmtree(incoming, ignore_errors=True)
         except FetchError as e:
@@ -1284,7 +1316,7 @@ class AdapterStore:
             DOWNLOAD_BYTES.inc(received.bytes)
         return Download(adapter, folder, error, received.bytes, clock() - started, digest)
 
-    def _stage(self, content: Path, folder: Path) -> None:
+    def _move_into_place(self, content: Path, folder: Path) -> None:
         """Rename a checked download into its version folder, making room under the budget first (the
         budget counts the versions kept; a download in progress needs its own room besides)."""
         need = folder_bytes(content)
@@ -1402,7 +1434,7 @@ class AdapterStore:
         return tree_digest(files)
 
 
-# ------------------------------------------------- decisions: plan, per-adapter rules, readiness
+# ------------------------------------- decisions: plan, per-adapter rules, in sync, readiness
 
 
 def plan(desired: DesiredState, server: ServerState) -> Plan:
@@ -1508,7 +1540,8 @@ class AdapterRecord:
             return Seen.LOST
         elif unconfirmed is not None and self.doubts >= 1:
             self.doubts += 1
-            return Seen.FAILED if self.fail(_not_borne_out(unconfirmed, listed), now, period) else Seen.NOTHING
+            news = self.fail(unconfirmed, _not_borne_out(unconfirmed, listed), now, period)
+            return Seen.FAILED if news else Seen.NOTHING
         else:
             self.doubts += unconfirmed is not None
             if self.failures == 0:
@@ -1545,8 +1578,9 @@ class AdapterRecord:
         self.proof = None  # a verdict on what was there before
         return True
 
-    def fail(self, error: str, now: float, period: float, permanent: bool = False) -> bool:
-        """A failure: backoff doubles. True when the error is news (not the one already reported)."""
+    def fail(self, op: Op, error: str, now: float, period: float, permanent: bool = False) -> bool:
+        """A failure of `op`: backoff doubles. True when the error is news (not the one already reported)."""
+        self.last_action = op
         self.failures += 1
         self.retry_at = now + backoff_delay(self.failures, period)
         self.state, self.permanent = State.FAILED, permanent
@@ -1555,6 +1589,20 @@ class AdapterRecord:
 
     def is_due(self, now: float) -> bool:
         return self.retry_at is None or now >= self.retry_at
+
+    def start_download(self, now: float) -> bool:
+        """True when its remote source should be fetched now: not backing off, not under way."""
+        if not self.is_due(now) or (self.download or {}).get("state") == "downloading":
+            return False
+        self.download = {"state": "downloading", "bytes": 0, "seconds": None, "sha256": None}
+        return True
+
+    def take_download(self, download: Download, now: float, period: float) -> bool:
+        """A finished download, shown in /status; a failed one fails the adapter as a load would.
+        True when that failure is news."""
+        self.download = download.status()
+        error = download.error
+        return error is not None and self.fail(Op.DOWNLOAD, str(error), now, period, error.permanent)
 
     def is_settled(self) -> bool:
         """Loaded and seen so, not for this server, or failed for a reason of its own that waiting
@@ -1593,6 +1641,12 @@ def _not_borne_out(op: Op, listed_source: str | None) -> str:
 def due_actions(actions: Sequence[Action], records: Mapping[str, AdapterRecord], now: float) -> list[Action]:
     """The actions whose adapter is not backing off (a leftover staging copy has no record: always due)."""
     return [a for a in actions if a.adapter.id not in records or records[a.adapter.id].is_due(now)]
+
+
+def is_in_sync(planned: Plan, succeeded: int, fetching: Collection[str]) -> bool:
+    """In sync: every action of the plan was sent and answered 200 (none backing off, none failed),
+    and no remote adapter still waits for its files. A skipped adapter does not count."""
+    return succeeded == len(planned.actions) and not fetching
 
 
 def is_ready(records: Mapping[str, AdapterRecord]) -> bool:
@@ -1651,7 +1705,7 @@ class Reconciler:
         """One cycle: health (only while the server is not known up), one GET /v1/models, the due actions."""
         self.cycles += 1
         started = clock()
-        self._adopt(desired)
+        self._follow(desired)
         try:
             result = self._cycle(desired, started)
         except Exception as e:  # a bug in one cycle must not stop the next one
@@ -1671,16 +1725,15 @@ class Reconciler:
         server = self._read_server(desired, now)
         if isinstance(server, CycleResult):
             return server
-        local, fetching = self._stage(desired, server, now)
-        actions = plan(local, server)
-        self._observe(server, actions, now, fetching)
-        result = self._execute(actions, now)
-        if fetching:
-            result = replace(result, in_sync=False)  # not while an adapter still waits for its files
-        if result.completed:
-            self._prove(server)
-            self.ready = self.ready or is_ready(self.records)
-        return result
+        local, fetching = self._localize(desired, server, now)
+        planned = plan(local, server)
+        self._take_in(server, planned, now, fetching)
+        succeeded = self._execute(planned, now)
+        if isinstance(succeeded, CycleResult):
+            return succeeded
+        self._prove(server)
+        self.ready = self.ready or is_ready(self.records)
+        return CycleResult(completed=True, in_sync=is_in_sync(planned, succeeded, fetching))
 
     def _read_server(self, desired: DesiredState, now: float) -> ServerState | CycleResult:
         """What the server lists, or why this cycle stops; either way the store learns whether it
@@ -1695,19 +1748,17 @@ class Reconciler:
                 server = self._unanswered(e)
             except ServerError as e:
                 server = CycleResult.stopped(str(e))
-        self.store.observe(desired, None if isinstance(server, CycleResult) else server)
+        self.store.evict_unused(desired, None if isinstance(server, CycleResult) else server)
         return server
 
-    def _stage(self, desired: DesiredState, server: ServerState, now: float) -> tuple[DesiredState, set[str]]:
+    def _localize(self, desired: DesiredState, server: ServerState, now: float) -> tuple[DesiredState, set[str]]:
         """Remote sources: record the downloads that finished, start those due, and point each
         staged adapter at its folder. Returns that desired state and the adapters still fetching."""
         for download in self.store.finished():
             self._record_download(download, now)
         local, fetch = localize(desired, server, self.store.root, {f.name for f in self.store.staged()})
         for adapter in fetch:
-            record = self.records[adapter.id]
-            if record.is_due(now) and (record.download or {}).get("state") != "downloading":
-                record.download = {"state": "downloading", "bytes": 0, "seconds": None, "sha256": None}
+            if self.records[adapter.id].start_download(now):
                 self.store.start(adapter)
         return local, {adapter.id for adapter in fetch}
 
@@ -1717,16 +1768,13 @@ class Reconciler:
         record = self.records.get(download.adapter.id)
         if record is None or version_folder(download.folder.parent, record.adapter) != download.folder:
             return  # the config moved on to another version while this one downloaded
-        record.download = download.status()
         fields = {"adapter": download.adapter.id, "action": "download", "bytes": download.bytes,
                   "duration_s": round(download.seconds, 4), "sha256": download.sha256,
                   "source": download.adapter.source}
-        if download.error is None:
-            log.info(f"download done: {download.adapter.id}", folder=str(download.folder), **fields)
-            return
-        record.last_action = Op.DOWNLOAD
-        if record.fail(str(download.error), now, self.period, download.error.permanent):
+        if record.take_download(download, now, self.period):
             self._report_failure(record, Op.DOWNLOAD, now, fields)
+        elif download.error is None:
+            log.info(f"download done: {download.adapter.id}", folder=str(download.folder), **fields)
 
     def _check_health(self, now: float) -> bool:
         """Check /health once; say so once if the server stays away past the health-check timeout."""
@@ -1748,21 +1796,21 @@ class Reconciler:
         self._set_server_up(False, reason)
         return CycleResult.stopped(str(error), unreachable=True)
 
-    def _execute(self, actions: Plan, now: float) -> CycleResult:
-        due = due_actions(actions.actions, self.records, now)
-        pending = len(due) < len(actions.actions)  # some are still backing off
+    def _execute(self, planned: Plan, now: float) -> int | CycleResult:
+        """Send the due actions, unloads first; how many succeeded, or why the cycle stopped."""
+        due, succeeded = due_actions(planned.actions, self.records, now), 0
         for batch in ([a for a in due if a.op is Op.UNLOAD], [a for a in due if a.op is not Op.UNLOAD]):
             # unloads first, so their slots are free for the loads
             stop: ServerUnreachable | ServerError | None = None
             for action, attempt in zip(batch, self._send_all(batch), strict=True):
-                pending = not self._record(action, attempt, now) or pending
+                succeeded += self._record(action, attempt, now)
                 if isinstance(attempt.result, ServerUnreachable | ServerError):
                     stop = stop or attempt.result
             if isinstance(stop, ServerUnreachable):
                 return self._unanswered(stop)
             if stop:
                 return CycleResult.stopped(str(stop))
-        return CycleResult(True, not pending)
+        return succeeded
 
     def _send_all(self, actions: list[Action]) -> list[Attempt]:
         """Send up to MAX_REQUESTS_IN_FLIGHT requests at once: vLLM accepts calls for different
@@ -1848,9 +1896,8 @@ class Reconciler:
         if outcome.ok:
             log.info(f"{action.op.value} done: {action.adapter.id}", **fields)
             return record.succeed(action.op, action.adapter.source)
-        record.last_action = action.op
         error = outcome.message if outcome.timed_out else f"{outcome.status}: {outcome.message}"
-        if record.fail(error, now, self.period, outcome.permanent):
+        if record.fail(action.op, error, now, self.period, outcome.permanent):
             self._report_failure(record, action.op, now, fields)
         return False
 
@@ -1859,7 +1906,7 @@ class Reconciler:
         log.warning(f"{op.value} failed: {record.adapter.id}",
                     **{"result": "error", **fields, "error": record.last_error, "retry_in_s": retry_in})
 
-    def _adopt(self, desired: DesiredState) -> None:
+    def _follow(self, desired: DesiredState) -> None:
         """Follow config changes: new records for new or changed entries, none for dropped ones."""
         if desired is self._adopted:
             return  # the same config as last cycle: nothing to follow
@@ -1881,17 +1928,17 @@ class Reconciler:
                 # a changed entry resets its backoff; what it went through stays counted
                 self.records[adapter_id] = AdapterRecord(adapter, keep, lost=record.lost if record else 0)
 
-    def _observe(self, server: ServerState, actions: Plan, now: float, fetching: Collection[str] = ()) -> None:
+    def _take_in(self, server: ServerState, planned: Plan, now: float, fetching: Collection[str] = ()) -> None:
         """Each record takes in what the server lists, before any action changes it; and what
         changed behind the sidecar's back is reported: adapters lost, adapters foreign."""
-        skipped = {skip.adapter.id: skip.reason for skip in actions.skipped}
-        planned = {action.adapter.id for action in actions.actions} | set(fetching)
+        skipped = {skip.adapter.id: skip.reason for skip in planned.skipped}
+        busy = {action.adapter.id for action in planned.actions} | set(fetching)
         serving = sum(r.is_serving() for r in self.records.values())
         lost = []
         for adapter_id, record in self.records.items():
             self._report_skip(record, skipped.get(adapter_id))
             unconfirmed = record.unconfirmed
-            seen = record.observe(server.adapters.get(adapter_id), adapter_id in planned, skipped.get(adapter_id),
+            seen = record.observe(server.adapters.get(adapter_id), adapter_id in busy, skipped.get(adapter_id),
                                   now, self.period)
             if seen is Seen.FAILED and unconfirmed:
                 self._report_failure(record, unconfirmed, now, {"adapter": adapter_id, "action": unconfirmed.value,
@@ -2280,7 +2327,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the plan, change nothing, exit: 0 in sync, 1 changes needed, 2 invalid config")
     modes.add_argument("--validate", dest="mode", action="store_const", const="validate",
                        help="check the config file only (no network): exit 0, or 2 with every error")
-    modes.add_argument("--digest", metavar="DIR", type=Path,
+    modes.add_argument("--digest", dest="digest_of", metavar="DIR", type=Path,
                        help="print the sha256 that pins an adapter folder uploaded under an s3:// prefix, and exit")
     parser.add_argument("--version", action="version", version=f"lora-sidecar {VERSION}")
     parser.set_defaults(mode="run")
@@ -2295,10 +2342,12 @@ def environment_flags(environ: Mapping[str, str]) -> list[str]:
         value = environ.get(env)
         if value is None:
             continue
-        if options.get("action") is argparse.BooleanOptionalAction:
-            off = value.strip().lower() in ("0", "false", "no", "off")
-            argv.append(name.replace("--", "--no-", 1) if off else name)
-        else:
+        word = value.strip().lower()
+        if options.get("action") is argparse.BooleanOptionalAction and word in ("1", "true", "yes", "on"):
+            argv.append(name)
+        elif options.get("action") is argparse.BooleanOptionalAction and word in ("0", "false", "no", "off"):
+            argv.append(name.replace("--", "--no-", 1))
+        else:  # anything else argparse refuses, for a switch too ("ignored explicit argument")
             argv.append(f"{name}={value}")
     return argv
 
@@ -2308,34 +2357,11 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     try:
         args = parser.parse_args([*environment_flags(os.environ), *(sys.argv[1:] if argv is None else argv)])
     except argparse.ArgumentError as e:  # name the variable too, where the value came from one
-        envs = [env for name, env, _ in FLAGS if name == e.argument_name and env in os.environ]
+        envs = [env for name, env, _ in FLAGS if name in (e.argument_name or "").split("/") and env in os.environ]
         parser.error(f"{e}" + "".join(f" ({env}={os.environ[env]!r})" for env in envs))
-    if min(args.reconcile_trigger, args.watch_interval, args.request_timeout, args.load_timeout,
-           args.download_timeout) <= 0:
-        parser.error("--reconcile-trigger, --watch-interval, --request-timeout, --load-timeout and --download-timeout "
-                     "must be positive")
-    if args.adapter_dir_max_bytes < 0:
-        parser.error("--adapter-dir-max-bytes must be 0 (no budget) or more")
-    return Settings(
-        config_path=Path(args.config),
-        health_check_timeout=args.health_check_timeout,
-        health_check_interval=max(args.health_check_interval, 0.05),
-        reconcile_period=args.reconcile_trigger,
-        watch_interval=args.watch_interval,
-        config_validation=args.config_validation,
-        metrics_port=args.metrics_port,
-        metrics_address=args.metrics_address,
-        request_timeout=args.request_timeout,
-        load_timeout=args.load_timeout,
-        api_key=read_api_key(parser, args.api_key_file),
-        log_level=args.log_level,
-        log_format=args.log_format,
-        mode="digest" if args.digest else args.mode,
-        adapter_dir=Path(args.adapter_dir) if args.adapter_dir else None,
-        adapter_dir_max_bytes=args.adapter_dir_max_bytes,
-        download_timeout=args.download_timeout,
-        digest_of=args.digest,
-    )
+    values = {**vars(args), "api_key": read_api_key(parser, args.api_key_file),
+              "mode": "digest" if args.digest_of else args.mode}
+    return Settings(**{f.name: values[f.name] for f in fields(Settings)})
 
 
 def read_api_key(parser: argparse.ArgumentParser, key_file: str | None) -> str | None:
@@ -2367,10 +2393,10 @@ def validate_only(settings: Settings) -> int:
     return 0
 
 
-def plan_lines(actions: Plan, fetch: Sequence[Adapter] = ()) -> list[str]:
+def plan_lines(planned: Plan, fetch: Sequence[Adapter] = ()) -> list[str]:
     lines = [f"download {a.id}  source={a.source}  (not in --adapter-dir yet)" for a in fetch]
-    lines += [f"{a.op.value:<7} {a.adapter.id}  source={a.adapter.source}  ({a.reason})" for a in actions.actions]
-    lines += [f"skip    {s.adapter.id}  ({s.reason})" for s in actions.skipped]
+    lines += [f"{a.op.value:<7} {a.adapter.id}  source={a.adapter.source}  ({a.reason})" for a in planned.actions]
+    lines += [f"skip    {s.adapter.id}  ({s.reason})" for s in planned.skipped]
     return lines or ["in sync"]
 
 
@@ -2412,9 +2438,9 @@ def run_one_shot(settings: Settings, client: VLLMClient) -> int:
         log.error("cannot read the server's adapters", error=str(e))
         return 1
     local, fetch = localize(desired, server, store.root, {f.name for f in store.staged()})
-    actions = plan(local, server)
-    print(mask("\n".join(plan_lines(actions, fetch))))
-    return 0 if not actions.actions and not fetch else 1
+    planned = plan(local, server)
+    print(mask("\n".join(plan_lines(planned, fetch))))
+    return 0 if is_in_sync(planned, 0, [a.id for a in fetch]) else 1
 
 
 def run_forever(settings: Settings, client: VLLMClient) -> int:

@@ -1,7 +1,7 @@
 """Unit tests: config rules, the plan, the client's reading of every vLLM answer, one reconcile cycle.
 
-HTTP is mocked with `responses`, shaped after what a real vLLM 0.32 answers
-(../shared/vllm-facts.md). Behaviour across processes is in tests/.
+HTTP is mocked with `responses`, shaped after what a real vLLM 0.32 answers (the same
+answers tests/fake_vllm.py gives, checked by tests/test_fake_vllm.py). Behaviour across processes is in tests/.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from sidecar import (
     ConfigSource,
     DesiredState,
     Op,
+    Plan,
     Reconciler,
     ServerError,
     ServerState,
@@ -223,7 +224,7 @@ def test_without_schema_validation_unknown_keys_pass():
         ("vLLMLoRAConfig: {port: 8000\n", "cfg.yaml: invalid YAML at line 2"),
         ("vLLMLoRAConfig:\n  - a\n b: c", "cfg.yaml: invalid YAML at line 3"),
         ("{? [a, b] : 1}", "cfg.yaml: invalid YAML"),
-        ("1: {vLLMLoRAConfig: {}}", "cfg.yaml: mapping key int 1 is not a string"),
+        ("1: {vLLMLoRAConfig: {}}", "cfg.yaml: mapping key '1' at line 1 is read as int, not a string; quote it"),
         ("[" * 5000 + "]" * 5000, "cfg.yaml: "),
         ("a: " + "[" * 80 + "]" * 80, "cfg.yaml: the document nests deeper than 64 levels"),
         ("---\na: 1\n---\nb: 2\n", "cfg.yaml: invalid YAML"),
@@ -231,6 +232,33 @@ def test_without_schema_validation_unknown_keys_pass():
 )
 def test_unparseable_documents_are_config_errors(text, expected):
     assert errors_of(text)[0].startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("yes: 1\nvLLMLoRAConfig: {}", "cfg.yaml: mapping key 'yes' at line 1 is read as bool, not a string"),
+        ("k: &k 7\nvLLMLoRAConfig: {}\n*k : 2", "cfg.yaml: mapping key '*k' at line 3 is read as int"),
+        ("vLLMLoRAConfig: {port: 1234567890123456789}", "cfg.yaml: a number has more than 18 digits"),
+        ('{"vLLMLoRAConfig": {"port": 1234567890123456789}}', "cfg.yaml: a number has more than 18 digits"),
+        ('{"a": ' * 65 + "1" + "}" * 65, "cfg.yaml: the document nests deeper than 64 levels"),
+        ('{"a": [' + "0, " * 100_000 + "0]}", "cfg.yaml: the document expands to more than 100000 values"),
+    ],
+)
+def test_json_and_yaml_meet_the_same_bounds(text, expected):
+    assert errors_of(text)[0].startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "json_text"),
+    [
+        ("😀", r'"\ud83d\ude00"'),  # an escaped surrogate pair: the YAML parser refuses the escape
+        ("\\ud800x", r'"\\ud800x"'),  # an escaped backslash, then text that looks like an escape
+    ],
+)
+def test_json_the_yaml_parser_cannot_read_is_still_read(name, json_text):
+    text = '{\n\t"vLLMLoRAConfig": {\n\t\t"name": ' + json_text + "\n\t}\n}"  # tabs: not YAML
+    assert parse(text).name == name
 
 
 def test_yaml_alias_bomb_is_refused_quickly():
@@ -330,9 +358,9 @@ def server_state(adapters=None, bases=(BASE,), roots=(BASE_ROOT,)) -> ServerStat
     ],
 )
 def test_plan(name, desired, server, actions, skipped):
-    the_plan = plan(desired, server)
-    assert [(a.op, a.adapter.id) for a in the_plan.actions] == actions, name
-    assert [s.adapter.id for s in the_plan.skipped] == skipped, name
+    planned = plan(desired, server)
+    assert [(a.op, a.adapter.id) for a in planned.actions] == actions, name
+    assert [s.adapter.id for s in planned.skipped] == skipped, name
 
 
 def test_skip_reason_names_wanted_and_served_base_models():
@@ -401,10 +429,24 @@ def test_what_a_model_list_does_to_a_record(name, before, listed, planned, skip,
 
 def test_a_failure_backs_off_doubling_and_is_news_only_when_the_error_changes():
     r = record()
-    assert r.fail("500: bad", now=0.0, period=5.0, permanent=True)
-    assert (r.state, r.retry_at, r.permanent) == (State.FAILED, 5.0, True)
-    assert not r.fail("500: bad", now=5.0, period=5.0) and r.retry_at == 15.0 and not r.permanent
-    assert r.fail("503: busy", now=15.0, period=5.0)
+    assert r.fail(Op.LOAD, "500: bad", now=0.0, period=5.0, permanent=True)
+    assert (r.state, r.retry_at, r.permanent, r.last_action) == (State.FAILED, 5.0, True, Op.LOAD)
+    assert not r.fail(Op.LOAD, "500: bad", now=5.0, period=5.0) and r.retry_at == 15.0 and not r.permanent
+    assert r.fail(Op.LOAD, "503: busy", now=15.0, period=5.0)
+
+
+def test_a_download_starts_once_and_its_failure_counts_as_the_adapters():
+    r = record()
+    assert r.start_download(now=0.0) and r.download["state"] == "downloading"
+    assert not r.start_download(now=1.0)  # under way: not started twice
+    broken = sidecar.Download(r.adapter, Path("/d/a@0"), sidecar.FetchError("sha256 mismatch", permanent=True),
+                              10, 0.5, "ab")
+    assert r.take_download(broken, now=2.0, period=5.0)  # news: report it
+    assert (r.state, r.permanent, r.last_action, r.retry_at) == (State.FAILED, True, Op.DOWNLOAD, 7.0)
+    assert r.download["state"] == "failed" and not r.start_download(now=3.0)  # backing off
+    assert not r.take_download(broken, now=7.0, period=5.0)  # the same error again: not news
+    good = sidecar.Download(r.adapter, Path("/d/a@0"), None, 10, 0.5, "ab")
+    assert not r.take_download(good, now=8.0, period=5.0) and r.download["state"] == "done"
 
 
 def test_a_200_after_200s_to_no_effect_does_not_clear_the_failure():
@@ -426,6 +468,20 @@ def test_a_200_after_200s_to_no_effect_does_not_clear_the_failure():
 ])
 def test_readiness(records, ready):
     assert sidecar.is_ready(records) is ready
+
+
+TWO_LOADS = Plan((Action(Op.LOAD, A1, ""), Action(Op.LOAD, A2, "")))
+
+
+@pytest.mark.parametrize(("name", "actions", "succeeded", "fetching", "in_sync"), [
+    ("nothing to do", Plan(), 0, (), True),
+    ("only a skipped adapter", Plan(skipped=(Skip(A1, "not for this server"),)), 0, (), True),
+    ("every action answered 200", TWO_LOADS, 2, (), True),
+    ("one failed or is backing off", TWO_LOADS, 1, (), False),
+    ("nothing to send, but an adapter waits for its files", Plan(), 0, ("r",), False),
+])
+def test_in_sync(name, actions, succeeded, fetching, in_sync):
+    assert sidecar.is_in_sync(actions, succeeded, fetching) is in_sync, name
 
 
 def test_due_actions_skip_those_backing_off():
@@ -1138,6 +1194,11 @@ def test_flags_fall_back_to_environment(monkeypatch, tmp_path):
     assert settings.reconcile_period == 7.5 and settings.config_validation is False
     assert settings.api_key == "secret-from-file" and settings.log_format == "json"
     assert "secret" not in repr(settings)
+    for on, off in (("true", "false"), ("1", "0"), ("Yes", "NO"), ("on", "off")):
+        monkeypatch.setenv("LORA_SIDECAR_CONFIG_VALIDATION", on)
+        assert sidecar.parse_settings([]).config_validation is True, on
+        monkeypatch.setenv("LORA_SIDECAR_CONFIG_VALIDATION", off)
+        assert sidecar.parse_settings([]).config_validation is False, off
     assert sidecar.parse_settings(["--reconcile-trigger", "2"]).reconcile_period == 2
 
 
@@ -1158,10 +1219,15 @@ def test_api_key_from_environment(monkeypatch):
 
 @pytest.mark.parametrize(
     ("env", "value", "message"),
-    [("LORA_SIDECAR_RECONCILE_TRIGGER", "soon", "invalid float value"),
+    [("LORA_SIDECAR_RECONCILE_TRIGGER", "soon", "--reconcile-trigger: expected a number of seconds, got 'soon'"
+                                                " (LORA_SIDECAR_RECONCILE_TRIGGER='soon')"),
+     ("LORA_SIDECAR_ADAPTER_DIR_MAX_BYTES", "-1", "--adapter-dir-max-bytes: must be 0 (no budget) or more"),
+     ("LORA_SIDECAR_HEALTH_CHECK_INTERVAL", "nan", "--health-check-interval: must be positive"),
      ("LORA_SIDECAR_LOG_FORMAT", "xml", "--log-format: invalid choice: 'xml' (choose from 'text', 'json')"
                                         " (LORA_SIDECAR_LOG_FORMAT='xml')"),
-     ("LORA_SIDECAR_REQUEST_TIMEOUT", "0", "must be positive")],
+     ("LORA_SIDECAR_REQUEST_TIMEOUT", "0", "must be positive"),
+     # not silently "on": a value that is neither true nor false is refused, naming the variable
+     ("LORA_SIDECAR_CONFIG_VALIDATION", "disabled", "(LORA_SIDECAR_CONFIG_VALIDATION='disabled')")],
 )
 def test_bad_environment_values_are_usage_errors(monkeypatch, capsys, env, value, message):
     monkeypatch.setenv(env, value)
@@ -1183,8 +1249,8 @@ def test_help_names_every_environment_variable(capsys):
 # ------------------------------------------------------------------- logs
 
 
-def log_line(json_lines: bool, secrets=(), message: str = "load done: a1", **fields) -> str:
-    record = logging.LogRecord("lora-sidecar", logging.INFO, __file__, 1, message, None, None)
+def log_line(json_lines: bool, secrets=(), **fields) -> str:
+    record = logging.LogRecord("lora-sidecar", logging.INFO, __file__, 1, "load done: a1", None, None)
     record.fields = fields
     saved = sidecar.SECRETS[:]
     sidecar.SECRETS[:] = list(secrets)
@@ -1192,12 +1258,6 @@ def log_line(json_lines: bool, secrets=(), message: str = "load done: a1", **fie
         return sidecar.LogFormatter(json_lines).format(record)
     finally:
         sidecar.SECRETS[:] = saved
-
-
-def test_a_control_character_never_starts_a_new_text_log_line():
-    line = log_line(False, message="load done: a\n2026-01-01 ERROR forged", error="x\ny", path="/a\tb")
-    assert "\n" not in line and "\t" not in line
-    assert "load done: a\\n2026" in line and 'error="x\\ny"' in line
 
 
 def test_json_log_line_has_the_documented_fields():

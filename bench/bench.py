@@ -52,8 +52,7 @@ from typing import Any
 
 from kubelet import KubeletConfigDir
 from sidecar_process import Poller, Sidecar, lora_config, outages, wait_until
-
-from e2e.vllm_server import MODELS, VLLMServer  # standard library only
+from vllm_server import MODELS, VLLMServer  # standard library only
 
 REPO = Path(__file__).resolve().parent.parent
 SIDECAR = Path(os.environ.get("BENCH_SIDECAR", REPO / "sidecar.py")).resolve()
@@ -487,7 +486,7 @@ ACCESS_LINE = re.compile(r'"(GET|POST|PUT|DELETE) (/[^ ?"]*)[^"]*" (\d{3})')
 
 
 class RealVLLM:
-    """The real vLLM server of the real-vLLM rows (`e2e/vllm_server.py`): started by the first row that needs
+    """The real vLLM server of the real-vLLM rows (`tests/vllm_server.py`): started by the first row that needs
     it (its boot, 25-60 s, is reported, not counted), shared by the others, stopped at the end of the run.
     Each row leaves it as it found it: its adapters unloaded."""
 
@@ -819,7 +818,8 @@ def remote_round(fake: FakeServer, sidecar: BenchSidecar, conf: KubeletConfigDir
     def outcome() -> tuple[str, Any] | None:
         if not sidecar.running:
             return "exited", None
-        done = [e for e in fake.requests() if endpoint(e) == LOAD and e["body"].get("lora_name") == name]
+        done = [e for e in fake.requests() if endpoint(e) == LOAD and e["body"].get("lora_name") == name
+                and e["status"] is not None]  # answered: the log holds a request from its arrival on
         if done:
             return "loaded", done[0]
         record = sidecar.status()["adapters"].get(name) or {}

@@ -20,8 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kubelet import KubeletConfigDir
-
-from e2e.vllm_server import MODELS, VLLMServer
+from vllm_server import MODELS, VLLMServer
 
 REPO = Path(__file__).resolve().parent.parent
 

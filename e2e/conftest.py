@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 from remote_sources import MotoS3  # standard library and requests: moto runs as a child process
-
-from e2e.vllm_server import (
+from vllm_server import (
     DEFAULT_PYTHON,
     MODELS,
     REPO,

@@ -23,9 +23,9 @@ import pytest
 from kubelet import KubeletConfigDir
 from remote_sources import folder_size, tree_digest, version_dir
 from sidecar_process import Poller, Sidecar, configmap_manifest, lora_config, outages, run_sidecar, wait_until
+from vllm_server import SERVED_MODEL_NAME, VLLMServer, free_port
 
 from e2e.conftest import failed, note_timing
-from e2e.vllm_server import SERVED_MODEL_NAME, VLLMServer, free_port
 
 PERIOD = 1.0  # --reconcile-trigger for most tests
 # Generous deadline for "the sidecar got there"; typical is well under 2 s. Deadlines here bound the

@@ -90,7 +90,7 @@ UVICORN_KEEP_ALIVE_S = 5.0
 # adapter_config.json key of an adapter whose completions are the base model's (make_adapter(inert=True)).
 INERT_KEY = "fake_inert"
 
-# --max-model-len of the servers the tests imitate (e2e/vllm_server.py starts the real one with it).
+# --max-model-len of the servers the tests imitate (tests/vllm_server.py starts the real one with it).
 MAX_MODEL_LEN = 128
 
 # serve_forever() checks for shutdown this often; it bounds how long stop() takes.

@@ -15,7 +15,7 @@ user would give it (AWS_* variables, REQUESTS_CA_BUNDLE), so the sidecar's code 
     files.delay("/a.tar.gz", 2.0); files.fail("/a.tar.gz", 404); files.count("/a.tar.gz"); files.queries(...)
 
     tar_gz(folder, top="my-adapter"); zip_archive(folder); unsafe_archive("dotdot"|"absolute"|..., target)
-    tree_digest(folder)                        # the sha256 an s3:// prefix is pinned with (REMOTE.md)
+    tree_digest(folder)                        # the sha256 an s3:// prefix is pinned with (README: Remote sources)
     sha256_file(path); sha256_bytes(data); version_dir(adapter_dir, "a", digest_or_source)
 
 boto3 and trustme are imported only where they are used, so importing this module (conftest does)
@@ -48,8 +48,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-
-from e2e.vllm_server import free_port
+from vllm_server import free_port
 
 # Credentials the sidecar is given for the S3 look-alike. The secret is distinctive so a test can
 # grep the sidecar's logs, /status and /metrics for it (and for any long piece of it).
@@ -83,8 +82,8 @@ def folder_files(folder: str | os.PathLike[str]) -> dict[str, Path]:
 
 
 def tree_digest(folder: str | os.PathLike[str]) -> str:
-    """The digest REMOTE.md pins an s3:// prefix with: sha256 of `<sha256 hex>  <relative/path>\\n` per file,
-    sorted by path in byte order, i.e.
+    """The digest that pins an s3:// prefix (README: Remote sources): sha256 of
+    `<sha256 hex>  <relative/path>\\n` per file, sorted by path in byte order, i.e.
     `cd DIR && find . -type f -printf '%P\\n' | LC_ALL=C sort | xargs sha256sum | sha256sum`."""
     files = folder_files(folder)
     lines = "".join(f"{sha256_file(files[p])}  {p}\n" for p in sorted(files, key=lambda p: p.encode()))
@@ -96,7 +95,7 @@ def folder_size(folder: str | os.PathLike[str]) -> int:
 
 
 def safe_id(adapter_id: str) -> str:
-    """The id as REMOTE.md writes it in a folder name: every character outside [A-Za-z0-9._-] as `_`."""
+    """The id as the sidecar writes it in a version folder's name: every character outside [A-Za-z0-9._-] as `_`."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", adapter_id)
 
 

@@ -40,8 +40,7 @@ from typing import Any, TypeVar
 import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-
-from e2e.vllm_server import free_port  # standard library only; re-exported for the tests
+from vllm_server import free_port  # standard library only; re-exported for the tests
 
 REPO = Path(__file__).resolve().parent.parent
 

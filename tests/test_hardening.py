@@ -1,4 +1,4 @@
-"""Hardening: the inputs and environments that used to get through, one section per item.
+"""Hardening: hostile input and unusual environments, one section per kind.
 
 sidecar.py runs as a process against the vLLM look-alike wherever a user could see the behaviour
 (exit codes, stderr, the log, /status, /metrics, the fake's request log); only the text log
@@ -65,7 +65,7 @@ def error_lines(stderr: str, fragment: str) -> list[str]:
     return [line for line in stderr.splitlines() if fragment in line]
 
 
-# ===================================================================== 1. the API key is masked everywhere
+# ===================================================================== the API key is masked everywhere
 
 
 def test_an_api_key_echoed_by_the_server_is_masked_in_status_metrics_log_and_one_shots(
@@ -99,7 +99,7 @@ def test_an_api_key_echoed_by_the_server_is_masked_in_status_metrics_log_and_one
     assert [text for text in seen if key in text] == []
 
 
-# ===================================================================== 2. ids and sources are printable Unicode
+# ===================================================================== ids and sources are printable Unicode
 
 
 NOT_PRINTABLE = {
@@ -158,7 +158,7 @@ def test_a_running_sidecar_keeps_the_last_good_config_and_metrics_answer(
     assert sidecar.running
 
 
-# ===================================================================== 3. no forged lines in the text log
+# ===================================================================== no forged lines in the text log
 
 
 def sidecar_under_test() -> ModuleType:
@@ -213,7 +213,7 @@ def test_a_config_path_with_control_characters_forges_no_log_line(fake, adapter_
     assert any("odd\\rFORGED" in line for line in lines), sidecar.log_text()
 
 
-# ===================================================================== 4. IPv6
+# ===================================================================== IPv6
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +275,7 @@ def test_an_ipv6_vllm_host_bare_or_bracketed(ipv6_loopback, adapter_paths, kubel
         assert result.code == 0, (host, result.stderr)
 
 
-# ===================================================================== 5. SIGHUP
+# ===================================================================== SIGHUP
 
 
 def test_sighup_rereads_the_config_reconciles_at_once_and_keeps_running(
@@ -303,7 +303,7 @@ def test_sighup_rereads_the_config_reconciles_at_once_and_keeps_running(
     assert code == 0, sidecar.log_text()
 
 
-# ===================================================================== 6. duplicate keys
+# ===================================================================== duplicate keys
 
 
 DUPLICATE_YAML = """\
@@ -348,7 +348,7 @@ def test_duplicate_keys_anywhere_are_refused(text, key, tmp_path):
 # (A running sidecar given duplicate keys: test_process.py's bad-config test, kind "duplicate-keys".)
 
 
-# ===================================================================== 7. host holds only a host
+# ===================================================================== host holds only a host
 
 
 @pytest.mark.parametrize("host", ["http://127.0.0.1", "https://vllm", "127.0.0.1:8000", "vllm/x", "vllm:8000/v1",
@@ -363,12 +363,12 @@ def test_validate_refuses_scheme_path_or_port_in_host(host, tmp_path):
     assert str(path) in named[0] and "scheme" in named[0] and "port" in named[0], named[0]
 
 
-# ===================================================================== 8. types hold without the schema
+# ===================================================================== types hold without the schema
 
 # In-process, in test_sidecar.py's config tests ("without schema validation").
 
 
-# ===================================================================== 9. two ConfigMap keys
+# ===================================================================== two ConfigMap keys
 
 
 def two_key_manifest(first: tuple[str, str], second: tuple[str, str]) -> str:
@@ -419,7 +419,7 @@ def test_a_single_key_manifest_and_a_plain_file_report_their_key(fake, adapter_p
     assert "key" in status and status["key"] is None, status
 
 
-# ===================================================================== 10. length limits
+# ===================================================================== length limits
 
 
 @pytest.mark.parametrize("field, limit", [("id", 256), ("source", 4096)])
@@ -440,7 +440,7 @@ def test_ids_and_sources_longer_than_their_limit_are_refused(field, limit, tmp_p
     assert result.code == 0, f"exactly {limit} characters is allowed: {result.stderr}"
 
 
-# ===================================================================== 11. the same good bytes clear an error
+# ===================================================================== the same good bytes clear an error
 
 
 @pytest.mark.parametrize("bad", ["directory", "larger-than-1MiB", "missing-key"])
@@ -472,7 +472,7 @@ def test_the_same_good_bytes_after_a_bad_version_clear_the_error(bad, fake, adap
     assert fake.adapters() == paths
 
 
-# ===================================================================== 12. skipped adapters are logged
+# ===================================================================== skipped adapters are logged
 
 
 def skip_lines(sidecar: Sidecar, adapter: str) -> list[str]:

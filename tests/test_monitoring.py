@@ -235,7 +235,7 @@ def test_unit_tests_show_every_alert_firing_and_not_firing():
                                                                       f"not-firing (False) case: {missing}"
 
 
-def test_rules_are_the_alerts_the_issue_asks_for():
+def test_rules_are_the_documented_alerts():
     by_name = {rule["alert"]: rule for rule in rules()}
     assert set(by_name) == set(ALERTS)
     for name, (names_pod, names_adapter) in ALERTS.items():

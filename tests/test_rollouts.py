@@ -107,7 +107,7 @@ def post_summary(entries: list[dict[str, Any]]) -> list[tuple[str, str, str | No
     return out
 
 
-# ============================================================ 1. version updates and load_inplace
+# ============================================================ version updates and load_inplace
 
 STAGING = "a~staging"
 STAGE = ("load", STAGING, "NEW", False, 200)  # the new files proven under the staging name
@@ -165,7 +165,7 @@ def test_version_update_leaves_no_sticky_load_inplace_and_drops_nothing_before_t
     assert sidecar.status()["server"].get("version") == version
 
 
-# ============================================================ 2. a new version that cannot load
+# ============================================================ a new version that cannot load
 
 @pytest.mark.parametrize("inplace_supported", [False, True], ids=["no-inplace", "0.32-sticky"])
 def test_a_new_version_that_cannot_load_leaves_the_old_one_serving(
@@ -194,7 +194,7 @@ def test_a_new_version_that_cannot_load_leaves_the_old_one_serving(
     assert record["next_retry"] is not None
 
 
-# ============================================================ 3. serial loads vs. the request timeout
+# ============================================================ serial loads vs. the request timeout
 
 
 @pytest.mark.slow  # 6 loads of 1.5 s, one at a time
@@ -223,7 +223,7 @@ def test_slow_serial_loads_are_not_charged_the_request_timeout_or_time_queued(
     assert all(adapter(sidecar, name)["state"] == "loaded" for name in paths)
 
 
-# ============================================================ 4. liveness during a long rollout
+# ============================================================ liveness during a long rollout
 
 
 @pytest.mark.slow  # 12 loads of 0.6-1 s, one at a time
@@ -258,7 +258,7 @@ def test_healthz_stays_200_through_a_long_steady_rollout(
     assert not down_lines(sidecar)
 
 
-# ============================================================ 5. readiness latches only on the truth
+# ============================================================ readiness latches only on the truth
 
 TRANSIENT = {
     # kind: (how to make loads fail, env, a fragment of the adapter's last_error)
@@ -305,7 +305,7 @@ def test_readyz_stays_503_while_loads_fail_transiently_then_turns_200(
     wait_until(lambda: adapter(sidecar, "a")["state"] == "loaded")
 
 
-# ============================================================ 6. a 200 is not taken on faith
+# ============================================================ a 200 is not taken on faith
 
 
 @pytest.mark.slow  # three growing backoffs
@@ -372,7 +372,7 @@ def test_a_server_that_normalises_root_gets_one_load_and_no_reloads(
     assert sidecar.status()["in_sync"] is True
 
 
-# ============================================================ 7. /v1/models dropped while /health is fine
+# ============================================================ /v1/models dropped while /health is fine
 
 
 @pytest.mark.slow  # a 3.5 s window
@@ -409,7 +409,7 @@ def test_models_dropped_while_health_is_fine_is_one_error_polled_once_a_period(
     assert fake.adapters() == paths
 
 
-# ============================================================ 8. honest waiting
+# ============================================================ waiting on a server that cannot answer
 
 
 def server_error(sidecar: Sidecar) -> str:
@@ -462,7 +462,7 @@ def test_an_api_key_with_a_control_character_inside_is_refused_at_start(
     assert not posts(fake.requests())
 
 
-# ============================================================ 9. every call counted
+# ============================================================ every call counted
 
 
 def test_a_load_that_times_out_is_counted_and_every_request_has_a_series(

@@ -2,13 +2,13 @@
 
 Standard library only, so both the project venv (tests) and the vLLM venv can import it.
 
-    from e2e.vllm_server import VLLMServer
+    from vllm_server import VLLMServer   # tests/ is on the path (pyproject's pythonpath)
     with VLLMServer(model_dir, port=free_port(), api_key="k") as srv:
         ...                     # srv.url, srv.stop(), srv.restart(), srv.freeze(), srv.thaw()
 
 Command line (runs one server until Ctrl-C):
 
-    python e2e/vllm_server.py [--port P] [--api-key K] [--model DIR]
+    python tests/vllm_server.py [--port P] [--api-key K] [--model DIR]
 """
 
 from __future__ import annotations
