@@ -49,7 +49,7 @@ import zlib
 from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields, replace
-from functools import cache
+from functools import cache, lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -573,12 +573,12 @@ def _check_bounds(raw: bytes | str, label: str) -> None:
             total += sizes.get(event.anchor, 1)
         elif isinstance(event, yaml.ScalarEvent):
             total += 1
-            tag = _scalar_tag(event)
-            if tag == YAML_INT and len(event.value.replace("_", "").lstrip("+-")) > 18:
+            if len(event.value) > 18 and len(event.value.replace("_", "").lstrip("+-")) > 18 \
+                    and _scalar_tag(event) == YAML_INT:
                 # Python refuses to print integers past 4300 digits; no field takes one this big anyway.
                 raise ConfigError([f"{label}: a number has more than 18 digits"])
             if event.anchor:
-                sizes[event.anchor], tags[event.anchor] = 1, tag
+                sizes[event.anchor], tags[event.anchor] = 1, _scalar_tag(event)
         elif isinstance(event, yaml.CollectionStartEvent):
             total += 1
             stack.append(_Open(event.anchor, total, {} if isinstance(event, yaml.MappingStartEvent) else None))
@@ -601,7 +601,12 @@ def _check_bounds(raw: bytes | str, label: str) -> None:
 def _scalar_tag(event: yaml.ScalarEvent) -> str:
     if event.tag not in (None, "!"):
         return str(event.tag)
-    return str(RESOLVER.resolve(yaml.ScalarNode, event.value, event.implicit))
+    return _implicit_tag(event.value, tuple(event.implicit))
+
+
+@lru_cache(maxsize=1024)  # keys repeat (`id`, `source`): resolved once, not once per entry
+def _implicit_tag(value: str, implicit: tuple[bool, bool]) -> str:
+    return str(RESOLVER.resolve(yaml.ScalarNode, value, implicit))
 
 
 def _check_key(keys: dict[str, int], event: yaml.NodeEvent, tags: Mapping[str, str], label: str) -> None:
