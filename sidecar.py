@@ -573,8 +573,7 @@ def _check_bounds(raw: bytes | str, label: str) -> None:
             total += sizes.get(event.anchor, 1)
         elif isinstance(event, yaml.ScalarEvent):
             total += 1
-            if len(event.value) > 18 and len(event.value.replace("_", "").lstrip("+-")) > 18 \
-                    and _scalar_tag(event) == YAML_INT:
+            if len(event.value.replace("_", "").lstrip("+-")) > 18 and _scalar_tag(event) == YAML_INT:
                 # Python refuses to print integers past 4300 digits; no field takes one this big anyway.
                 raise ConfigError([f"{label}: a number has more than 18 digits"])
             if event.anchor:
@@ -1080,8 +1079,8 @@ def localize(desired: DesiredState, server: ServerState, adapter_dir: Path | Non
     for adapter in desired.ensure_exist:
         if not adapter.remote or (adapter.base_model and not server.serves(adapter.base_model)):
             local.append(adapter)
-        elif adapter_dir and version_folder(adapter_dir, adapter).name in staged:
-            local.append(replace(adapter, source=str(version_folder(adapter_dir, adapter))))
+        elif adapter_dir and (folder := version_folder(adapter_dir, adapter)).name in staged:
+            local.append(replace(adapter, source=str(folder)))
         else:
             fetch.append(adapter)
     return replace(desired, ensure_exist=tuple(local)), tuple(fetch)
@@ -1243,6 +1242,9 @@ class AdapterStore:
                         self._sizes[path.name] = folder_bytes(path)
                     folders.append(VersionFolder(path.name, self._sizes[path.name], path.stat().st_mtime))
         return folders
+
+    def staged_names(self) -> set[str]:
+        return {folder.name for folder in self.staged()}
 
     def finished(self) -> list[Download]:
         with self._lock:
@@ -1761,7 +1763,7 @@ class Reconciler:
         staged adapter at its folder. Returns that desired state and the adapters still fetching."""
         for download in self.store.finished():
             self._record_download(download, now)
-        local, fetch = localize(desired, server, self.store.root, {f.name for f in self.store.staged()})
+        local, fetch = localize(desired, server, self.store.root, self.store.staged_names())
         for adapter in fetch:
             if self.records[adapter.id].start_download(now):
                 self.store.start(adapter)
@@ -2442,7 +2444,7 @@ def run_one_shot(settings: Settings, client: VLLMClient) -> int:
     except (ServerUnreachable, ServerError) as e:
         log.error("cannot read the server's adapters", error=str(e))
         return 1
-    local, fetch = localize(desired, server, store.root, {f.name for f in store.staged()})
+    local, fetch = localize(desired, server, store.root, store.staged_names())
     planned = plan(local, server)
     print(mask("\n".join(plan_lines(planned, fetch))))
     return 0 if is_in_sync(planned, 0, [a.id for a in fetch]) else 1
