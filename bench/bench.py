@@ -947,6 +947,11 @@ class Row:
                 return reason
         return None
 
+    @classmethod
+    def skipped(cls, key: str, metric: str, reason: str) -> Row:
+        """A row that could not be measured here, with the reason in its detail."""
+        return cls(key, metric, "skipped", "", "-", None, "-", reason)
+
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "metric": self.metric, "value": self.value, "unit": self.unit, "floor": self.floor,
                 "floor_reason": self.floor_reason, "pass": self.passed, "old_sidecar": self.old, "detail": self.detail,
@@ -1060,8 +1065,7 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
     rows += remote_rows(results.get("remote"))
     v = results.get("vllm")
     if v and "skipped" in v:
-        rows.append(Row("vllm_seconds", "real vLLM: converge 50 adapters", "skipped", "", "-", None, "-",
-                        v["skipped"]))
+        rows.append(Row.skipped("vllm_seconds", "real vLLM: converge 50 adapters", v["skipped"]))
     elif v:
         n = v["adapters"]
         rows.append(Row("vllm_seconds", f"real vLLM: converge {n} adapters", v["seconds"], "s", "-", None, "-",
@@ -1076,8 +1080,7 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
                         v["answers_400"] == 0, "-"))
     k = results.get("canary")
     if k and "skipped" in k:
-        rows.append(Row("canary_seconds", "real vLLM canary: seconds per adapter", "skipped", "", "-", None, "-",
-                        k["skipped"]))
+        rows.append(Row.skipped("canary_seconds", "real vLLM canary: seconds per adapter", k["skipped"]))
     elif k:
         n = k["adapters"]
         rows.append(Row("canary_seconds", "real vLLM canary: seconds per adapter, median", k["canary_seconds_median"],
@@ -1110,8 +1113,7 @@ def remote_rows(r: dict[str, Any] | None) -> list[Row]:
     if not r:
         return []
     if "skipped" in r:
-        return [Row("remote_s3_seconds", "remote sources: download and load", "skipped", "", "-", None, "-",
-                    r["skipped"])]
+        return [Row.skipped("remote_s3_seconds", "remote sources: download and load", r["skipped"])]
     rows, mb, n = [], r["size_mb"], r["rounds"]
     for kind, label in REMOTE_LABELS.items():
         x = r[kind]["summary"]
