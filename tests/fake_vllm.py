@@ -415,45 +415,57 @@ class RequestLog:
 # --- The HTTP plumbing ----------------------------------------------------------------------
 
 
-class _Listener(ThreadingHTTPServer):
-    """One incarnation of the listening socket. A restart makes a new one on the same port.
-
-    It remembers its open connections so stop() can cut them all, as a dying process would,
-    instead of waiting for keep-alive or hung handler threads.
-    """
+class CuttableServer(ThreadingHTTPServer):
+    """A test server that remembers its open connections, so that stop() can cut them all, as a dying
+    process would, instead of waiting for keep-alive or hung handler threads. Used here and by
+    remote_sources.HttpsFiles."""
 
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True  # stop() then start() must rebind the same port at once
-    request_queue_size = 1024  # the stdlib's backlog of 5 drops connections when a benchmark bursts
 
-    def __init__(self, address: tuple[str, int], fake: FakeVLLM) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.fake = fake
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
         self.stopped = threading.Event()
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
-        super().__init__(address, _Handler)
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        super().__init__(address, handler)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._connections_lock:
-            self._connections.add(request)
-        super().process_request(request, client_address)
+    def track(self, connection: socket.socket) -> None:
+        with self._open_lock:
+            self._open.add(connection)
 
-    def shutdown_request(self, request: Any) -> None:
-        with self._connections_lock:
-            self._connections.discard(request)
-        super().shutdown_request(request)
+    def untrack(self, connection: socket.socket) -> None:
+        with self._open_lock:
+            self._open.discard(connection)
 
     def cut_connections(self) -> None:
-        with self._connections_lock:
-            connections = list(self._connections)
+        with self._open_lock:
+            connections = list(self._open)
         for connection in connections:
             with contextlib.suppress(OSError):  # already closed by the peer
                 connection.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # peers that vanish mid-answer are normal in fault tests
+
+
+class _Listener(CuttableServer):
+    """One incarnation of the listening socket. A restart makes a new one on the same port."""
+
+    request_queue_size = 1024  # the stdlib's backlog of 5 drops connections when a benchmark bursts
+
+    def __init__(self, address: tuple[str, int], fake: FakeVLLM) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.fake = fake
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.track(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        self.untrack(request)
+        super().shutdown_request(request)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -42,12 +42,13 @@ import time
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+from fake_vllm import CuttableServer
 from vllm_server import free_port
 
 # Credentials the sidecar is given for the S3 look-alike. The secret is distinctive so a test can
@@ -332,20 +333,13 @@ class Hit:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class _TLSListener(ThreadingHTTPServer):
+class _TLSListener(CuttableServer):
     """The TLS handshake happens in the request's thread, so a client that never completes one cannot
     hold up the others; stop() cuts every open connection."""
-
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], files: HttpsFiles, context: ssl.SSLContext) -> None:
         self.files = files
         self.context = context
-        self.stopped = threading.Event()
-        self._open: set[socket.socket] = set()
-        self._open_lock = threading.Lock()
         super().__init__(address, _FileHandler)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
@@ -353,25 +347,13 @@ class _TLSListener(ThreadingHTTPServer):
             tls = self.context.wrap_socket(request, server_side=True)
         except (OSError, ssl.SSLError):
             return  # a client that gave up or does not trust the certificate
-        with self._open_lock:
-            self._open.add(tls)
+        self.track(tls)
         try:
             super().finish_request(tls, client_address)
         finally:
-            with self._open_lock:
-                self._open.discard(tls)
+            self.untrack(tls)
             with contextlib.suppress(OSError):
                 tls.close()
-
-    def cut_connections(self) -> None:
-        with self._open_lock:
-            connections = list(self._open)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # clients that vanish mid-answer are normal here
 
 
 class _FileHandler(BaseHTTPRequestHandler):
